@@ -1,0 +1,36 @@
+// Validation shared by every backend: shapes, dtypes and devices of the op arguments.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+namespace lora_ext {
+
+struct LoraSizes {
+  int64_t rows;     // T
+  int64_t d_in;
+  int64_t d_out;
+  int64_t slots;    // S
+  int64_t max_rank; // R
+};
+
+// Checks everything that can be checked without reading tensor values (so it never syncs a GPU).
+LoraSizes check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& lora_a,
+                          const at::Tensor& lora_b, const at::Tensor& slot_ids,
+                          const c10::optional<at::Tensor>& scales,
+                          const c10::optional<at::Tensor>& ranks,
+                          const c10::optional<at::Tensor>& plan);
+
+// add_lora_'s output: (T, d_out), same dtype and device as x.
+void check_out(const at::Tensor& out, const at::Tensor& x, const LoraSizes& sizes);
+
+// ids[i] of an int32 or int64 CPU tensor with any stride, as int64.
+int64_t index_at(const at::Tensor& ids, int64_t i);
+
+// Value checks that read slot ids and ranks (CPU tensors only: always done there).
+void check_slot_and_rank_values(const at::Tensor& slot_ids, const c10::optional<at::Tensor>& ranks,
+                                const LoraSizes& sizes);
+
+}  // namespace lora_ext

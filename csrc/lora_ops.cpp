@@ -1,0 +1,32 @@
+// The op schemas (one per op) and the module entry point. Backends register their kernels in
+// csrc/cpu/ and csrc/cuda/ with TORCH_LIBRARY_IMPL; Python adds fake kernels in lora_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "generated_build_info.h"
+
+// Importing lora_ext._C runs the static registrations below; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace lora_ext {
+namespace {
+std::string build_info() { return LORA_EXT_BUILD_DESC; }
+}  // namespace
+
+TORCH_LIBRARY(lora_ext, m) {
+  m.def("build_plan(Tensor slot_ids, int num_slots) -> Tensor");
+  m.def(
+      "lora_delta(Tensor x, Tensor lora_a, Tensor lora_b, Tensor slot_ids, Tensor? scales=None, "
+      "Tensor? ranks=None, Tensor? plan=None) -> Tensor");
+  m.def(
+      "add_lora_(Tensor(a!) out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor slot_ids, "
+      "Tensor? scales=None, Tensor? ranks=None, Tensor? plan=None) -> ()");
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace lora_ext

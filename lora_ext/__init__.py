@@ -1,0 +1,10 @@
+"""lora_ext: serve many LoRA adapters on one base model with grouped low-rank GEMM kernels."""
+
+from lora_ext import ops
+from lora_ext._native import build_info, native_available, native_error
+from lora_ext.ops import add_lora_, build_plan, lora_delta
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "lora_delta", "add_lora_", "build_plan", "build_info", "native_available",
+           "native_error", "__version__"]

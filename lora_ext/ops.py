@@ -1,0 +1,87 @@
+"""The grouped LoRA ops: the public Python face of torch.ops.lora_ext.*.
+
+Every op has one schema (csrc/lora_ops.cpp), a CPU and a CUDA kernel, a fake kernel here (for
+torch.compile and meta tensors) and a pure-PyTorch reference (lora_ext/reference.py) that is
+used when the native module is missing.
+"""
+
+import warnings
+
+import torch
+
+from lora_ext import reference
+from lora_ext._native import native_available, native_error
+
+__all__ = ["lora_delta", "add_lora_", "build_plan"]
+
+_warned = False
+
+
+def _use_native():
+    global _warned
+    if native_available():
+        return True
+    if not _warned:
+        warnings.warn(f"lora_ext: native kernels unavailable ({native_error()}); using the slow "
+                      "pure-PyTorch reference", RuntimeWarning, stacklevel=3)
+        _warned = True
+    return False
+
+
+def lora_delta(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
+    """The LoRA delta of every row, each row with its own adapter slot.
+
+    Semantics: out[t] = scales[s] * lora_b[s, :, :ranks[s]] @ (lora_a[s, :ranks[s], :] @ x[t]),
+    s = slot_ids[t]; a zero row where s == -1. Accumulated in float32, returned in x's dtype.
+
+    Args:
+        x: (T, d_in) float32, float16 or bfloat16.
+        lora_a: (S, R, d_in), x's dtype and device (PEFT lora_A.weight stacked over slots).
+        lora_b: (S, d_out, R), x's dtype and device (PEFT lora_B.weight stacked over slots).
+        slot_ids: (T,) int32 or int64, each -1 or in [0, S).
+        scales: (S,) float32, or None for all 1.0.
+        ranks: (S,) int32 or int64 in [0, R], or None for all R. Rows of lora_a and columns of
+            lora_b at or beyond a slot's rank are never read.
+        plan: optional build_plan(slot_ids, S), computed once and shared by many calls.
+    Returns:
+        (T, d_out) tensor in x's dtype.
+    """
+    if _use_native():
+        return torch.ops.lora_ext.lora_delta(x, lora_a, lora_b, slot_ids, scales, ranks, plan)
+    return reference.lora_delta_ref(x, lora_a, lora_b, slot_ids, scales, ranks)
+
+
+def add_lora_(out, x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
+    """out += lora_delta(x, ...) in place, summed in float32 and rounded once. out: (T, d_out)."""
+    if _use_native():
+        torch.ops.lora_ext.add_lora_(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan)
+    else:
+        reference.add_lora_ref(out, x, lora_a, lora_b, slot_ids, scales, ranks)
+    return out
+
+
+def build_plan(slot_ids, num_slots):
+    """Groups rows by slot once per forward pass: an int32 tensor every op call can reuse.
+
+    On CUDA it is built on the device without host synchronization (safe in CUDA graphs). It
+    stays valid while slot_ids keeps its values; rebuild it when they change.
+    """
+    if _use_native():
+        return torch.ops.lora_ext.build_plan(slot_ids, num_slots)
+    return reference.build_plan_ref(slot_ids, num_slots)
+
+
+if native_available():
+
+    @torch.library.register_fake("lora_ext::lora_delta")
+    def _lora_delta_fake(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
+        torch._check(x.dim() == 2 and lora_b.dim() == 3)
+        return x.new_empty((x.shape[0], lora_b.shape[1]))
+
+    @torch.library.register_fake("lora_ext::add_lora_")
+    def _add_lora_fake(out, x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
+        return None
+
+    @torch.library.register_fake("lora_ext::build_plan")
+    def _build_plan_fake(slot_ids, num_slots):
+        return slot_ids.new_empty((reference.plan_size(slot_ids.shape[0], num_slots),), dtype=torch.int32)
