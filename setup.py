@@ -123,7 +123,7 @@ def build_extension():
     with_cuda = _want_cuda(torch, cuda_home)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-fvisibility=hidden"]  # torch adds the C++ standard its headers need
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    define_macros = []
     if with_cuda:
         archs = _cuda_arch_list(torch)
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

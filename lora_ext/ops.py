@@ -11,6 +11,7 @@ import torch
 
 from lora_ext import reference
 from lora_ext._native import native_available, native_error
+from lora_ext.validation import check_op_args
 
 __all__ = ["lora_delta", "add_lora_", "build_plan"]
 
@@ -75,11 +76,12 @@ if native_available():
 
     @torch.library.register_fake("lora_ext::lora_delta")
     def _lora_delta_fake(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
-        torch._check(x.dim() == 2 and lora_b.dim() == 3)
+        check_op_args("lora_delta", x, lora_a, lora_b, slot_ids, scales, ranks, check_values=False)
         return x.new_empty((x.shape[0], lora_b.shape[1]))
 
     @torch.library.register_fake("lora_ext::add_lora_")
     def _add_lora_fake(out, x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
+        check_op_args("add_lora_", x, lora_a, lora_b, slot_ids, scales, ranks, out=out, check_values=False)
         return None
 
     @torch.library.register_fake("lora_ext::build_plan")

@@ -1,0 +1,112 @@
+"""Builds op inputs (with NaN beyond each slot's rank) and checks results against the reference."""
+
+import math
+
+import torch
+
+from lora_ext.reference import lora_delta_ref
+from tolerances import ROW_RTOL
+
+DISTRIBUTIONS = ("sorted", "unsorted", "with_none", "one_slot", "all_none", "distinct")
+
+
+def slot_ids_for(distribution, rows, slots, generator):
+    """Slot ids of one adapter distribution over a batch."""
+    if distribution == "one_slot":
+        return torch.full((rows,), slots - 1, dtype=torch.long)
+    if distribution == "all_none":
+        return torch.full((rows,), -1, dtype=torch.long)
+    if distribution == "distinct":
+        return torch.arange(rows) % slots
+    ids = torch.randint(0, slots, (rows,), generator=generator)
+    if distribution == "sorted":
+        return ids.sort().values
+    if distribution == "with_none":
+        ids[torch.rand(rows, generator=generator) < 0.3] = -1
+    return ids
+
+
+def random_ranks(slots, max_rank, generator):
+    """Mixed ranks covering 0, 1 and R whenever there are enough slots."""
+    ranks = torch.randint(0, max_rank + 1, (slots,), generator=generator)
+    for slot, rank in zip(range(slots), (max_rank, 1, 0)):
+        ranks[slot] = rank
+    return ranks
+
+
+def make_inputs(rows, d_in, d_out, slots, max_rank, dtype, device, distribution="unsorted", seed=0,
+                mixed_ranks=True, b_layout="peft", x_layout="contiguous", ids_dtype=torch.long):
+    """Random op inputs; entries of lora_a / lora_b beyond each slot's rank are NaN.
+
+    b_layout: "peft" stores lora_b as (S, d_out, R); "rank_major" stores (S, R, d_out) and passes a
+    transposed view. x_layout: "contiguous", "strided" (every other column) or "transposed".
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d_in, generator=g)
+    if x_layout == "strided":
+        x = torch.randn(rows, 2 * d_in, generator=g)[:, ::2]
+    elif x_layout == "transposed":
+        x = torch.randn(d_in, rows, generator=g).t()
+    lora_a = torch.randn(slots, max_rank, d_in, generator=g) / math.sqrt(d_in)
+    lora_b = torch.randn(slots, d_out, max_rank, generator=g) / math.sqrt(max_rank)
+    ranks = random_ranks(slots, max_rank, g) if mixed_ranks else None
+    if ranks is not None:
+        for slot, rank in enumerate(ranks.tolist()):
+            lora_a[slot, rank:, :] = float("nan")
+            lora_b[slot, :, rank:] = float("nan")
+    scales = torch.rand(slots, generator=g) * 2 + 0.1
+    ids = slot_ids_for(distribution, rows, slots, g).to(ids_dtype)
+    x = x.to(device=device, dtype=dtype)
+    lora_a = lora_a.to(device=device, dtype=dtype)
+    if b_layout == "rank_major":
+        lora_b = lora_b.transpose(1, 2).contiguous().to(device=device, dtype=dtype).transpose(1, 2)
+    else:
+        lora_b = lora_b.to(device=device, dtype=dtype)
+    return dict(x=x, lora_a=lora_a, lora_b=lora_b, slot_ids=ids.to(device), scales=scales.to(device),
+                ranks=None if ranks is None else ranks.to(device))
+
+
+def reference64(inputs):
+    """The float64 reference result of make_inputs' arguments (on CPU)."""
+    cpu = {k: (v.cpu() if v is not None else None) for k, v in inputs.items()}
+    return lora_delta_ref(cpu["x"].double(), cpu["lora_a"].double(), cpu["lora_b"].double(),
+                          cpu["slot_ids"], cpu["scales"], cpu["ranks"], compute_dtype=torch.float64)
+
+
+def magnitude64(inputs):
+    """The reference computed on absolute values: the scale that rounding errors are relative to
+    (a dot product's error bound grows with sum |a_i b_i|, not with |sum a_i b_i|)."""
+    cpu = {k: (v.cpu() if v is not None else None) for k, v in inputs.items()}
+    scales = cpu["scales"].abs() if cpu["scales"] is not None else None
+    return lora_delta_ref(cpu["x"].double().abs(), cpu["lora_a"].double().abs(), cpu["lora_b"].double().abs(),
+                          cpu["slot_ids"], scales, cpu["ranks"], compute_dtype=torch.float64)
+
+
+def zero_rows(inputs):
+    """Rows whose delta must be exactly zero: no adapter, or an adapter of rank 0."""
+    ids = inputs["slot_ids"].cpu().long()
+    zero = ids == -1
+    if inputs["ranks"] is not None:
+        ranks = inputs["ranks"].cpu()
+        zero |= (ids >= 0) & (ranks[ids.clamp(min=0)] == 0)
+    return zero
+
+
+def assert_rows_close(actual, expected, dtype, exact_zero_rows=None, what="result", magnitude=None):
+    """Row-wise error under ROW_RTOL[dtype] relative to the row's magnitude (|expected|, or the
+    absolute-value reference when given); listed rows exactly zero; no NaN."""
+    actual = actual.detach().cpu().double()
+    expected = expected.cpu().double()
+    magnitude = expected.abs() if magnitude is None else magnitude.cpu().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{what}: NaN in rows {torch.isnan(actual).any(1).nonzero().flatten()[:10].tolist()}"
+    if actual.numel() == 0:
+        return
+    err = (actual - expected).norm(dim=1)
+    ref = magnitude.norm(dim=1)
+    rel = err / ref.clamp_min(1e-30)
+    bad = (rel > ROW_RTOL[dtype]) & (ref > 0)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} rows off, worst row {int(rel.argmax())} with relative "
+                           f"error {float(rel.max()):.3g} > {ROW_RTOL[dtype]} ({dtype})")
+    if exact_zero_rows is not None and exact_zero_rows.any():
+        assert (actual[exact_zero_rows] == expected[exact_zero_rows]).all(), f"{what}: rows that must be exact differ"

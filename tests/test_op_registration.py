@@ -1,0 +1,73 @@
+"""The ops as PyTorch sees them: schemas, fake kernels (opcheck), torch.compile, the build report,
+and which backends have kernels."""
+
+import os
+
+import pytest
+import torch
+
+import lora_ext
+from helpers import assert_rows_close, make_inputs, reference64
+from lora_ext._native import has_kernel
+
+OPS = ["lora_delta", "add_lora_", "build_plan"]
+
+
+def test_native_module_loaded():
+    assert lora_ext.native_available(), lora_ext.native_error()
+
+
+def test_build_info_names_backends_and_build():
+    info = lora_ext.build_info()
+    assert info["native"] and "CPU" in info["backends"]
+    assert info["build"] == "cpu only" or info["build"].startswith("cuda ")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_cpu_kernel(op):
+    assert has_kernel(op, "CPU")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_cuda_kernel_when_built_with_cuda(op):
+    if not lora_ext.build_info()["build"].startswith("cuda"):
+        pytest.skip("built without CUDA")
+    assert has_kernel(op, "CUDA"), f"lora_ext::{op} has no CUDA kernel although the build has CUDA"
+
+
+def test_ci_requires_cuda_build_when_asked():
+    """CI sets LORA_EXT_REQUIRE_CUDA_BUILD=1 where nvcc exists: the CUDA kernels must be in."""
+    if os.environ.get("LORA_EXT_REQUIRE_CUDA_BUILD") != "1":
+        pytest.skip("LORA_EXT_REQUIRE_CUDA_BUILD is not set")
+    assert "CUDA" in lora_ext.build_info()["backends"]
+
+
+def opcheck_devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", opcheck_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    inputs = make_inputs(9, 24, 40, 3, 8, dtype, device, "with_none")
+    plan = lora_ext.build_plan(inputs["slot_ids"], 3)
+    ordered = [inputs[k] for k in ("x", "lora_a", "lora_b", "slot_ids", "scales", "ranks")]
+    torch.library.opcheck(torch.ops.lora_ext.lora_delta.default, (*ordered, None))
+    torch.library.opcheck(torch.ops.lora_ext.lora_delta.default, (*ordered, plan))
+    out = torch.randn(9, 40, device=device, dtype=dtype)
+    torch.library.opcheck(torch.ops.lora_ext.add_lora_.default, (out, *ordered, plan))
+    torch.library.opcheck(torch.ops.lora_ext.build_plan.default, (inputs["slot_ids"], 3))
+
+
+def test_torch_compile_fullgraph_cpu():
+    inputs = make_inputs(12, 32, 48, 4, 8, torch.float32, "cpu", "with_none")
+
+    @torch.compile(fullgraph=True)
+    def layer(x, lora_a, lora_b, slot_ids, scales, ranks):
+        plan = lora_ext.build_plan(slot_ids, lora_a.shape[0])
+        base = x @ torch.ones(x.shape[1], lora_b.shape[1])
+        lora_ext.add_lora_(base, x, lora_a, lora_b, slot_ids, scales, ranks, plan)
+        return base + lora_ext.lora_delta(x, lora_a, lora_b, slot_ids, scales, ranks, plan)
+
+    expected = inputs["x"].double() @ torch.ones(32, 48, dtype=torch.float64) + 2 * reference64(inputs)
+    assert_rows_close(layer(**inputs), expected, torch.float32)
