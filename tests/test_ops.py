@@ -51,9 +51,43 @@ def test_matches_reference_cpu(dtype, rows, d_in, d_out, distribution):
     run_both_ops(inputs, dtype, f"T={rows} {d_in}->{d_out} {distribution}")
 
 
-@pytest.mark.parametrize("max_rank", [1, 5, 64, 128])
+# CPU kernel configurations: the AVX-512 item kernel (default where the CPU has it), the
+# portable one, and the GEMM path for every slot or for none.
+CPU_CONFIGS = {
+    "default": {},
+    "portable": {"LORA_EXT_CPU_ISA": "portable"},
+    "gemm_always": {"LORA_EXT_CPU_GEMM_MIN_ROWS": "1"},
+    "gemm_never": {"LORA_EXT_CPU_GEMM_MIN_ROWS": "1000000000"},
+}
+
+
+@pytest.fixture(params=list(CPU_CONFIGS))
+def cpu_config(request, monkeypatch):
+    for name in ("LORA_EXT_CPU_ISA", "LORA_EXT_CPU_GEMM_MIN_ROWS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in CPU_CONFIGS[request.param].items():
+        monkeypatch.setenv(name, value)
+    return request.param
+
+
+def config_cases():
+    for dtype in DTYPES:
+        for rows, d_in, d_out in [(1, 4096, 4096), (7, 3, 64), (64, 67, 130), (300, 1, 17), (1037, 64, 4097)]:
+            for distribution in ("unsorted", "with_none", "one_slot", "distinct", "sorted"):
+                yield pytest.param(dtype, rows, d_in, d_out, distribution,
+                                   id=f"{str(dtype)[6:]}-T{rows}-{d_in}x{d_out}-{distribution}")
+
+
+@pytest.mark.parametrize("dtype,rows,d_in,d_out,distribution", list(config_cases()))
+def test_every_cpu_kernel_config(cpu_config, dtype, rows, d_in, d_out, distribution):
+    inputs = make_inputs(rows, d_in, d_out, slots_for(distribution, rows), 16, dtype, "cpu", distribution,
+                         seed=rows * 3 + d_out)
+    run_both_ops(inputs, dtype, f"{cpu_config} T={rows} {d_in}->{d_out} {distribution}")
+
+
+@pytest.mark.parametrize("max_rank", [1, 5, 17, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ranks_up_to_max_cpu(dtype, max_rank):
+def test_ranks_up_to_max_cpu(cpu_config, dtype, max_rank):
     inputs = make_inputs(50, 96, 200, 7, max_rank, dtype, "cpu", "unsorted", seed=max_rank)
     run_both_ops(inputs, dtype, f"R={max_rank}")
 
@@ -61,10 +95,10 @@ def test_ranks_up_to_max_cpu(dtype, max_rank):
 @pytest.mark.parametrize("b_layout", ["peft", "rank_major"])
 @pytest.mark.parametrize("x_layout", ["contiguous", "strided", "transposed"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_memory_layouts_cpu(dtype, x_layout, b_layout):
-    inputs = make_inputs(33, 72, 136, 4, 16, dtype, "cpu", "with_none", seed=3, b_layout=b_layout,
+def test_memory_layouts_cpu(cpu_config, dtype, x_layout, b_layout):
+    inputs = make_inputs(133, 72, 136, 4, 16, dtype, "cpu", "with_none", seed=3, b_layout=b_layout,
                          x_layout=x_layout)
-    run_both_ops(inputs, dtype, f"x {x_layout}, b {b_layout}")
+    run_both_ops(inputs, dtype, f"{cpu_config} x {x_layout}, b {b_layout}")
 
 
 def test_defaults_all_scales_one_and_full_rank():

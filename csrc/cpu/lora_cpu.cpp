@@ -1,17 +1,21 @@
 // lora_delta and add_lora_ on CPU.
 //
-// Rows are grouped by slot through the plan, so each adapter's A and B are streamed once per
-// block of rows that share it. A work item is (slot, block of up to kRowBlock rows); items run
-// in parallel on the intra-op thread pool. Per item: convert the rows of x to float32, shrink
-// u = scale * A[:rank] x (float32), then expand out += B[:, :rank] u in column blocks.
-// Rows and columns beyond a slot's rank are never read.
+// Rows are grouped by slot through the batch plan. A slot with many rows (prefill) runs as two
+// GEMMs through ATen (oneDNN/MKL, which use AMX or AVX-512 where present); the rest is split into
+// work items of at most kRowBlock rows of one slot, run in parallel on the intra-op thread pool by
+// the AVX-512 item kernel when the CPU has it, else the portable one. Each item streams its
+// adapter's A and B once. Rows and columns beyond a slot's rank are never read.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/item_kernels.h"
 #include "lora_args.h"
 #include "plan.h"
 
@@ -19,131 +23,95 @@ namespace lora_ext {
 
 at::Tensor build_plan_cpu(const at::Tensor& slot_ids, int64_t num_slots);
 
+namespace cpu {
 namespace {
 
 constexpr int64_t kRowBlock = 16;
-constexpr int64_t kColBlock = 256;
+// Slots with at least this many rows take the GEMM path (LORA_EXT_CPU_GEMM_MIN_ROWS overrides).
+constexpr int64_t kDefaultGemmMinRows = 64;
 
-// A 2-D strided view of a tensor's data.
-template <typename T>
-struct Strided2d {
-  T* data;
-  int64_t row_stride;
-  int64_t col_stride;
-  T* at(int64_t i, int64_t j) const { return data + i * row_stride + j * col_stride; }
-};
-
-template <typename scalar_t>
-void load_floats(const scalar_t* src, int64_t stride, int64_t n, float* dst) {
-  if (stride == 1) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i * stride]);
-  }
+int64_t gemm_min_rows() {
+  const char* value = std::getenv("LORA_EXT_CPU_GEMM_MIN_ROWS");
+  return value != nullptr ? std::atoll(value) : kDefaultGemmMinRows;
 }
 
-// A dot product with independent partial sums, so the compiler can keep several FMAs in flight.
-inline float dot(const float* a, const float* b, int64_t n) {
-  constexpr int kLanes = 16;
-  float partial[kLanes] = {0.f};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) partial[j] += a[i + j] * b[i + j];
+// LORA_EXT_CPU_ISA=portable forces the portable item kernel (tests cover both that way).
+ItemKernel choose_item_kernel(at::ScalarType dtype, const ItemArgs& example) {
+  const char* isa = std::getenv("LORA_EXT_CPU_ISA");
+  if (isa == nullptr || std::strcmp(isa, "portable") != 0) {
+    if (ItemKernel kernel = avx512_item_kernel(dtype, example)) return kernel;
   }
-  float sum = 0.f;
-  for (; i < n; ++i) sum += a[i] * b[i];
-  for (int j = 0; j < kLanes; ++j) sum += partial[j];
-  return sum;
+  return portable_item_kernel(dtype);
 }
 
 struct WorkItem {
-  int64_t bin;
+  int64_t slot;   // -1: rows without an adapter (or of rank 0) that lora_delta must zero
   int64_t first;  // index into the plan's order
   int64_t count;
 };
 
-template <typename scalar_t>
-struct CpuLoraKernel {
-  Strided2d<const scalar_t> x;
-  const scalar_t* a;  // (S, R, d_in)
-  int64_t a_s0, a_s1, a_s2;
-  const scalar_t* b;  // (S, d_out, R)
-  int64_t b_s0, b_s1, b_s2;
-  Strided2d<scalar_t> out;
-  const at::Tensor* scales;
-  const at::Tensor* ranks;
-  const int32_t* order;
-  LoraSizes sizes;
+struct Batch {
+  const at::Tensor& x;
+  const at::Tensor& lora_a;
+  const at::Tensor& lora_b;
+  at::Tensor& out;
+  const c10::optional<at::Tensor>& scales;
+  const c10::optional<at::Tensor>& ranks;
+  const LoraSizes& sizes;
   bool accumulate;
 
+  int64_t rank_of(int64_t slot) const { return ranks ? index_at(*ranks, slot) : sizes.max_rank; }
   float scale_of(int64_t slot) const {
     return scales ? scales->data_ptr<float>()[slot * scales->stride(0)] : 1.0f;
   }
-  int64_t rank_of(int64_t slot) const { return ranks ? index_at(*ranks, slot) : sizes.max_rank; }
-
-  void zero_rows(const WorkItem& item) const {
-    for (int64_t i = 0; i < item.count; ++i) {
-      const int64_t row = order[item.first + i];
-      for (int64_t n = 0; n < sizes.d_out; ++n) *out.at(row, n) = scalar_t(0);
-    }
-  }
-
-  void run(const WorkItem& item) const {
-    const int64_t slot = item.bin;
-    const int64_t rank = rank_of(slot);
-    if (rank == 0) {
-      if (!accumulate) zero_rows(item);
-      return;
-    }
-    const int64_t rows = item.count;
-    const int64_t d_in = sizes.d_in;
-    std::vector<float> xs(rows * d_in), a_row(d_in), u(rows * rank);
-    for (int64_t i = 0; i < rows; ++i) {
-      load_floats(x.at(order[item.first + i], 0), x.col_stride, d_in, &xs[i * d_in]);
-    }
-    // Shrink: u[i, r] = scale * <A[slot, r, :], x[row_i, :]>, reading each row of A once.
-    const float scale = scale_of(slot);
-    for (int64_t r = 0; r < rank; ++r) {
-      load_floats(a + slot * a_s0 + r * a_s1, a_s2, d_in, a_row.data());
-      for (int64_t i = 0; i < rows; ++i) u[i * rank + r] = scale * dot(a_row.data(), &xs[i * d_in], d_in);
-    }
-    expand(slot, rank, item, u);
-  }
-
-  // out[row_i, n] (+)= sum_r B[slot, n, r] u[i, r], one block of columns at a time.
-  void expand(int64_t slot, int64_t rank, const WorkItem& item, const std::vector<float>& u) const {
-    std::vector<float> bt(rank * kColBlock), acc(kColBlock);
-    for (int64_t n0 = 0; n0 < sizes.d_out; n0 += kColBlock) {
-      const int64_t cols = std::min(kColBlock, sizes.d_out - n0);
-      for (int64_t r = 0; r < rank; ++r) {  // bt[r, j] = B[slot, n0 + j, r]
-        load_floats(b + slot * b_s0 + n0 * b_s1 + r * b_s2, b_s1, cols, &bt[r * kColBlock]);
-      }
-      for (int64_t i = 0; i < item.count; ++i) {
-        std::fill(acc.begin(), acc.begin() + cols, 0.f);
-        for (int64_t r = 0; r < rank; ++r) {
-          const float ur = u[i * rank + r];
-          const float* bt_r = &bt[r * kColBlock];
-          for (int64_t j = 0; j < cols; ++j) acc[j] += ur * bt_r[j];
-        }
-        scalar_t* dst = out.at(order[item.first + i], n0);
-        for (int64_t j = 0; j < cols; ++j) {
-          scalar_t* o = dst + j * out.col_stride;
-          *o = accumulate ? scalar_t(static_cast<float>(*o) + acc[j]) : scalar_t(acc[j]);
-        }
-      }
-    }
-  }
 };
 
-std::vector<WorkItem> work_items(const int32_t* offsets, const PlanLayout& layout, bool accumulate) {
-  std::vector<WorkItem> items;
-  const int64_t last_bin = accumulate ? layout.num_slots : layout.num_slots + 1;  // +1: zero -1 rows
-  for (int64_t bin = 0; bin < last_bin; ++bin) {
-    for (int64_t first = offsets[bin]; first < offsets[bin + 1]; first += kRowBlock) {
-      items.push_back({bin, first, std::min<int64_t>(kRowBlock, offsets[bin + 1] - first)});
+ItemArgs item_args(const Batch& batch, const int32_t* order, const WorkItem& item) {
+  const at::Tensor &x = batch.x, &a = batch.lora_a, &b = batch.lora_b, &out = batch.out;
+  const int64_t slot = std::max<int64_t>(item.slot, 0);
+  const int64_t elem = x.element_size();
+  return ItemArgs{x.data_ptr(), x.stride(0), x.stride(1), order + item.first, item.count,
+                  static_cast<const char*>(a.data_ptr()) + slot * a.stride(0) * elem, a.stride(1), a.stride(2),
+                  static_cast<const char*>(b.data_ptr()) + slot * b.stride(0) * elem, b.stride(1), b.stride(2),
+                  out.data_ptr(), out.stride(0), out.stride(1), batch.sizes.d_in, batch.sizes.d_out,
+                  item.slot >= 0 ? batch.rank_of(slot) : 0, item.slot >= 0 ? batch.scale_of(slot) : 0.f,
+                  batch.accumulate};
+}
+
+void zero_rows(const Batch& batch, const int32_t* order, const WorkItem& item) {
+  const at::Tensor& out = batch.out;
+  const int64_t elem = out.element_size();
+  for (int64_t i = 0; i < item.count; ++i) {
+    const int64_t row = order[item.first + i];
+    if (out.stride(1) == 1) {  // all-zero bits are 0.0 in float32, float16 and bfloat16
+      std::memset(static_cast<char*>(out.data_ptr()) + row * out.stride(0) * elem, 0, out.size(1) * elem);
+    } else {
+      out.select(0, row).zero_();
     }
   }
-  return items;
+}
+
+// out[rows] (+)= scale * (x[rows] @ A[:rank]^T) @ B[:, :rank]^T as two GEMMs.
+void run_gemm_segment(const Batch& batch, const at::Tensor& plan_order, const WorkItem& seg) {
+  const int32_t* order = plan_order.data_ptr<int32_t>() + seg.first;
+  const int64_t rank = batch.rank_of(seg.slot);
+  const double scale = batch.scale_of(seg.slot);
+  const at::Tensor a = batch.lora_a.select(0, seg.slot).narrow(0, 0, rank);  // (rank, d_in)
+  const at::Tensor b = batch.lora_b.select(0, seg.slot).narrow(1, 0, rank);  // (d_out, rank)
+  const bool consecutive = order[seg.count - 1] - order[0] == seg.count - 1;  // order ascends
+  if (consecutive) {
+    const at::Tensor u = at::mm(batch.x.narrow(0, order[0], seg.count), a.t());
+    at::Tensor out_rows = batch.out.narrow(0, order[0], seg.count);
+    out_rows.addmm_(u, b.t(), /*beta=*/batch.accumulate ? 1 : 0, /*alpha=*/scale);
+    return;
+  }
+  const at::Tensor rows = plan_order.narrow(0, seg.first, seg.count).to(at::kLong);
+  const at::Tensor delta = at::mm(at::mm(batch.x.index_select(0, rows), a.t()), b.t()).mul_(scale);
+  if (batch.accumulate) {
+    batch.out.index_add_(0, rows, delta);
+  } else {
+    batch.out.index_copy_(0, rows, delta);
+  }
 }
 
 void run_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
@@ -154,28 +122,41 @@ void run_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a
   check_slot_and_rank_values(slot_ids, ranks, sizes);
   if (sizes.rows == 0) return;
   const at::Tensor plan = plan_arg.has_value() ? *plan_arg : build_plan_cpu(slot_ids, sizes.slots);
-  PlanLayout layout{sizes.rows, sizes.slots};
-  const int32_t* p = plan.data_ptr<int32_t>();
-  const std::vector<WorkItem> items = work_items(p + layout.offsets(), layout, accumulate);
+  const PlanLayout layout{sizes.rows, sizes.slots};
+  const int32_t* offsets = plan.data_ptr<int32_t>() + layout.offsets();
+  const at::Tensor plan_order = plan.narrow(0, layout.order(), sizes.rows);
+  const int32_t* order = plan_order.data_ptr<int32_t>();
+  const Batch batch{x, lora_a, lora_b, out, scales, ranks, sizes, accumulate};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_cpu", [&] {
-    CpuLoraKernel<scalar_t> kernel{
-        {x.data_ptr<scalar_t>(), x.stride(0), x.stride(1)},
-        lora_a.data_ptr<scalar_t>(), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        lora_b.data_ptr<scalar_t>(), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        {out.data_ptr<scalar_t>(), out.stride(0), out.stride(1)},
-        scales.has_value() ? &*scales : nullptr,
-        ranks.has_value() ? &*ranks : nullptr,
-        p + layout.order(), sizes, accumulate};
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (items[i].bin == layout.no_adapter_bin()) {
-          kernel.zero_rows(items[i]);
-        } else {
-          kernel.run(items[i]);
-        }
+  std::vector<WorkItem> items, gemm_segments;
+  const int64_t gemm_rows = gemm_min_rows();
+  for (int64_t bin = 0; bin <= layout.no_adapter_bin(); ++bin) {
+    const int64_t begin = offsets[bin], end = offsets[bin + 1];
+    if (begin == end) continue;
+    const bool no_work = bin == layout.no_adapter_bin() || batch.rank_of(bin) == 0;
+    if (no_work) {
+      if (!accumulate) items.push_back({-1, begin, end - begin});
+    } else if (end - begin >= gemm_rows) {
+      gemm_segments.push_back({bin, begin, end - begin});
+    } else {
+      for (int64_t first = begin; first < end; first += kRowBlock) {
+        items.push_back({bin, first, std::min(kRowBlock, end - first)});
       }
-    });
+    }
+  }
+  for (const WorkItem& seg : gemm_segments) run_gemm_segment(batch, plan_order, seg);
+  if (items.empty()) return;
+
+  const ItemKernel kernel = choose_item_kernel(x.scalar_type(), item_args(batch, order, items[0]));
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    thread_local Scratch scratch;
+    for (int64_t i = begin; i < end; ++i) {
+      if (items[i].slot < 0) {
+        zero_rows(batch, order, items[i]);
+      } else {
+        kernel(item_args(batch, order, items[i]), scratch);
+      }
+    }
   });
 }
 
@@ -183,7 +164,7 @@ at::Tensor lora_delta_cpu(const at::Tensor& x, const at::Tensor& lora_a, const a
                           const at::Tensor& slot_ids, const c10::optional<at::Tensor>& scales,
                           const c10::optional<at::Tensor>& ranks,
                           const c10::optional<at::Tensor>& plan) {
-  LoraSizes sizes = check_lora_args("lora_delta", x, lora_a, lora_b, slot_ids, scales, ranks, plan);
+  const LoraSizes sizes = check_lora_args("lora_delta", x, lora_a, lora_b, slot_ids, scales, ranks, plan);
   at::Tensor out = at::empty({sizes.rows, sizes.d_out}, x.options());
   run_lora_cpu(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan, sizes, /*accumulate=*/false);
   return out;
@@ -193,7 +174,7 @@ void add_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a
                   const at::Tensor& lora_b, const at::Tensor& slot_ids,
                   const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& ranks,
                   const c10::optional<at::Tensor>& plan) {
-  LoraSizes sizes = check_lora_args("add_lora_", x, lora_a, lora_b, slot_ids, scales, ranks, plan);
+  const LoraSizes sizes = check_lora_args("add_lora_", x, lora_a, lora_b, slot_ids, scales, ranks, plan);
   check_out(out, x, sizes);
   run_lora_cpu(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan, sizes, /*accumulate=*/true);
 }
@@ -205,4 +186,5 @@ TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("add_lora_", &add_lora_cpu);
 }
 
+}  // namespace cpu
 }  // namespace lora_ext
