@@ -115,6 +115,10 @@ def _write_build_info_header(build_desc):
             f.write(text)
 
 
+def _torch_uses_openmp(torch):
+    return "OpenMP" in torch.__config__.parallel_info()
+
+
 def build_extension():
     cuda_home = _choose_cuda_home()
     import torch
@@ -122,7 +126,9 @@ def build_extension():
 
     with_cuda = _want_cuda(torch, cuda_home)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-fvisibility=hidden"]  # torch adds the C++ standard its headers need
+    # torch adds the C++ standard its headers need. ATen's parallel_for is inline OpenMP code:
+    # without -fopenmp it silently runs on one thread.
+    cxx_flags = ["-O3", "-fvisibility=hidden"] + (["-fopenmp"] if _torch_uses_openmp(torch) else [])
     define_macros = []
     if with_cuda:
         archs = _cuda_arch_list(torch)
@@ -145,6 +151,7 @@ def build_extension():
     ext = extension_class(
         name="lora_ext._C",
         sources=sources,
+        extra_link_args=["-fopenmp"] if _torch_uses_openmp(torch) else [],
         include_dirs=[os.path.join(HERE, "csrc")] + include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,

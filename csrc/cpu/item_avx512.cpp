@@ -42,7 +42,16 @@ namespace {
 
 constexpr int kRanksPerPass = 4;
 constexpr int kRowsPerPass = 4;
-constexpr int kRankMajorCols = 64;  // 4 vectors of 16 columns
+constexpr int kRankMajorCols = 128;  // columns per rank-major expand block (8 vectors)
+
+// Software prefetch distance: far enough ahead that DRAM latency hides behind the FMAs.
+constexpr int64_t kPrefetchBytes = 2048;
+
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) {
+    _mm_prefetch(static_cast<const char*>(p) + off, _MM_HINT_T0);
+  }
+}
 
 inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1u);
@@ -84,24 +93,49 @@ void rows_to_float(const ItemArgs& p, float* xs) {
   }
 }
 
-// u[t0 + i, r0 + j] = scale * <A[r0 + j], x[t0 + i]> for j < NR, i < NT.
+// u[t0 + i, r0 + j] = scale * <A[r0 + j], x[t0 + i]> for j < NR, i < NT. With few rows the
+// k loop keeps two sets of accumulators, so enough FMA chains run at once to hide their latency.
 template <typename T, int NR, int NT>
 void shrink_block(const ItemArgs& p, const float* xs, int64_t r0, int64_t t0, float* u) {
+  constexpr int kSets = NR * NT < 8 ? 2 : 1;
   const T* a = static_cast<const T*>(p.a) + r0 * p.a_rank_stride;
-  __m512 acc[NR][NT];
-  for (int j = 0; j < NR; ++j)
-    for (int i = 0; i < NT; ++i) acc[j][i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < p.d_in; k += 16) {
-    const __mmask16 m = first_lanes(p.d_in - k);
+  const float* x = xs + t0 * p.d_in;
+  __m512 acc[kSets][NR][NT];
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+      for (int i = 0; i < NT; ++i) acc[s][j][i] = _mm512_setzero_ps();
+  auto step = [&](int s, int64_t k, __mmask16 m) {
     __m512 xv[NT];
-    for (int i = 0; i < NT; ++i) xv[i] = _mm512_maskz_loadu_ps(m, xs + (t0 + i) * p.d_in + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < NT; ++i) xv[i] = _mm512_maskz_loadu_ps(m, x + i * p.d_in + k);
+#pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
       const __m512 av = load16(a + j * p.a_rank_stride + k, m);
-      for (int i = 0; i < NT; ++i) acc[j][i] = _mm512_fmadd_ps(av, xv[i], acc[j][i]);
+#pragma GCC unroll 4
+      for (int i = 0; i < NT; ++i) acc[s][j][i] = _mm512_fmadd_ps(av, xv[i], acc[s][j][i]);
+    }
+  };
+  const __mmask16 all = 0xFFFF;
+  constexpr int64_t kAhead = kPrefetchBytes / sizeof(T);
+  int64_t k = 0;
+  for (; k + 16 * kSets <= p.d_in; k += 16 * kSets) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) prefetch_lines(a + j * p.a_rank_stride + k + kAhead, 16 * kSets * sizeof(T));
+#pragma GCC unroll 2
+    for (int s = 0; s < kSets; ++s) step(s, k + 16 * s, all);
+  }
+  for (; k < p.d_in; k += 16) step(0, k, first_lanes(p.d_in - k));
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j) {
+#pragma GCC unroll 4
+    for (int i = 0; i < NT; ++i) {
+      const __m512 sum = kSets == 2 ? _mm512_add_ps(acc[0][j][i], acc[kSets - 1][j][i]) : acc[0][j][i];
+      u[(t0 + i) * p.rank + r0 + j] = p.scale * _mm512_reduce_add_ps(sum);
     }
   }
-  for (int j = 0; j < NR; ++j)
-    for (int i = 0; i < NT; ++i) u[(t0 + i) * p.rank + r0 + j] = p.scale * _mm512_reduce_add_ps(acc[j][i]);
 }
 
 template <typename T>
@@ -143,25 +177,44 @@ void store_rows(const ItemArgs& p, int64_t t0, int64_t n0, const __m512 (&acc)[N
   }
 }
 
-// B rank-major (stride 1 along d_out): 64 columns, FMAs along d_out for NT rows.
-template <typename T, int NT>
+// B rank-major (stride 1 along d_out): 16 * NV columns, FMAs along d_out for NT rows; NV * NT
+// independent accumulators hide the FMA latency.
+template <typename T, int NT, int NV>
 void expand_rank_major_block(const ItemArgs& p, const float* u, int64_t t0, int64_t n0) {
-  constexpr int NV = kRankMajorCols / 16;
   const T* b = static_cast<const T*>(p.b) + n0;
   __mmask16 m[NV];
+#pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) m[v] = first_lanes(p.d_out - n0 - 16 * v);
   __m512 acc[NT][NV];
+#pragma GCC unroll 4
   for (int i = 0; i < NT; ++i)
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   for (int64_t r = 0; r < p.rank; ++r) {
+    prefetch_lines(b + r * p.b_rank_stride + kRankMajorCols, 16 * NV * sizeof(T));  // the next block
     __m512 bv[NV];
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) bv[v] = load16(b + r * p.b_rank_stride + 16 * v, m[v]);
+#pragma GCC unroll 4
     for (int i = 0; i < NT; ++i) {
       const __m512 ur = _mm512_set1_ps(u[(t0 + i) * p.rank + r]);
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ur, bv[v], acc[i][v]);
     }
   }
   store_rows<T, NT, NV>(p, t0, n0, acc);
+}
+
+// kRankMajorCols columns: one block of 8 vectors for a single row, two of 4 for more rows.
+template <typename T, int NT>
+void expand_rank_major(const ItemArgs& p, const float* u, int64_t t0, int64_t n0) {
+  constexpr int kVectors = kRankMajorCols / 16;
+  if constexpr (NT == 1) {
+    expand_rank_major_block<T, 1, kVectors>(p, u, t0, n0);
+  } else {
+    expand_rank_major_block<T, NT, kVectors / 2>(p, u, t0, n0);
+    if (n0 + 8 * kVectors < p.d_out) expand_rank_major_block<T, NT, kVectors / 2>(p, u, t0, n0 + 8 * kVectors);
+  }
 }
 
 // In place: rows[j] lane i becomes rows[i] lane j (verified against a model of the intrinsics).
@@ -191,28 +244,53 @@ inline void transpose16(__m512 (&r)[16]) {
   }
 }
 
-// B in PEFT's layout (stride 1 along the rank): 16 columns, 16 ranks at a time.
+// B in PEFT's layout (stride 1 along the rank): 16 columns, 16 ranks at a time, transposed in
+// registers; four accumulators per row (rank mod 4) hide the FMA latency.
 template <typename T, int NT>
 void expand_peft_block(const ItemArgs& p, const float* u, int64_t t0, int64_t n0) {
   const T* b = static_cast<const T*>(p.b) + n0 * p.b_out_stride;
   const int64_t cols = std::min<int64_t>(16, p.d_out - n0);
-  __m512 acc[NT][1];
-  for (int i = 0; i < NT; ++i) acc[i][0] = _mm512_setzero_ps();
+  __m512 acc[NT][4];
+#pragma GCC unroll 4
+  for (int i = 0; i < NT; ++i)
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_setzero_ps();
+  // The rows of B a few blocks ahead (16 rows of rank elements, contiguous when B is).
+  const int64_t block_bytes = 16 * p.b_out_stride * static_cast<int64_t>(sizeof(T));
+  prefetch_lines(b + (kPrefetchBytes / block_bytes + 1) * 16 * p.b_out_stride, block_bytes);
   for (int64_t r0 = 0; r0 < p.rank; r0 += 16) {
     const __mmask16 m = first_lanes(p.rank - r0);
     __m512 block[16];  // block[c] lane r = B[n0 + c, r0 + r]; then transposed
+#pragma GCC unroll 16
     for (int c = 0; c < 16; ++c) {
       block[c] = c < cols ? load16(b + c * p.b_out_stride + r0, m) : _mm512_setzero_ps();
     }
-    transpose16(block);  // block[r] lane c = B[n0 + c, r0 + r]
+    transpose16(block);  // block[r] lane c = B[n0 + c, r0 + r]; lanes of ranks >= rank are 0
+    const float* u_block = u + t0 * p.rank + r0;
     const int64_t ranks_here = std::min<int64_t>(16, p.rank - r0);
-    for (int64_t r = 0; r < ranks_here; ++r) {
-      for (int i = 0; i < NT; ++i) {
-        acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(u[(t0 + i) * p.rank + r0 + r]), block[r], acc[i][0]);
+    if (ranks_here == 16) {
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+#pragma GCC unroll 4
+        for (int i = 0; i < NT; ++i) {
+          acc[i][r % 4] = _mm512_fmadd_ps(_mm512_set1_ps(u_block[i * p.rank + r]), block[r], acc[i][r % 4]);
+        }
+      }
+    } else {
+      for (int64_t r = 0; r < ranks_here; ++r) {
+#pragma GCC unroll 4
+        for (int i = 0; i < NT; ++i) {
+          acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(u_block[i * p.rank + r]), block[r], acc[i][0]);
+        }
       }
     }
   }
-  store_rows<T, NT, 1>(p, t0, n0, acc);
+  __m512 total[NT][1];
+#pragma GCC unroll 4
+  for (int i = 0; i < NT; ++i) {
+    total[i][0] = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
+  }
+  store_rows<T, NT, 1>(p, t0, n0, total);
 }
 
 using ExpandBlock = void (*)(const ItemArgs&, const float*, int64_t, int64_t);
@@ -221,10 +299,10 @@ template <typename T>
 ExpandBlock expand_block_for(bool rank_major, int64_t rows) {
   if (rank_major) {
     switch (rows) {
-      case 1: return &expand_rank_major_block<T, 1>;
-      case 2: return &expand_rank_major_block<T, 2>;
-      case 3: return &expand_rank_major_block<T, 3>;
-      default: return &expand_rank_major_block<T, 4>;
+      case 1: return &expand_rank_major<T, 1>;
+      case 2: return &expand_rank_major<T, 2>;
+      case 3: return &expand_rank_major<T, 3>;
+      default: return &expand_rank_major<T, 4>;
     }
   }
   switch (rows) {
@@ -236,22 +314,28 @@ ExpandBlock expand_block_for(bool rank_major, int64_t rows) {
 }
 
 template <typename T>
-void item_avx512(const ItemArgs& p, Scratch& s) {
-  s.x.resize(p.count * p.d_in);
-  s.u.resize(p.count * p.rank);
-  rows_to_float<T>(p, s.x.data());
-  for (int64_t r0 = 0; r0 < p.rank; r0 += kRanksPerPass) {
+void shrink(const ItemArgs& p, const float* xs, int64_t rank_begin, int64_t rank_end, float* u) {
+  for (int64_t r0 = rank_begin; r0 < rank_end; r0 += kRanksPerPass) {
     for (int64_t t0 = 0; t0 < p.count; t0 += kRowsPerPass) {
-      shrink_block_for<T>(p.rank - r0, p.count - t0)(p, s.x.data(), r0, t0, s.u.data());
+      shrink_block_for<T>(rank_end - r0, p.count - t0)(p, xs, r0, t0, u);
     }
   }
+}
+
+template <typename T>
+void expand(const ItemArgs& p, const float* u, int64_t col_begin, int64_t col_end) {
   const bool rank_major = p.b_out_stride == 1;
-  const int64_t cols = rank_major ? kRankMajorCols : 16;
-  for (int64_t n0 = 0; n0 < p.d_out; n0 += cols) {  // B's block stays in L1 across row groups
+  const int64_t cols = rank_major ? kRankMajorCols : 16;  // col_begin is a multiple of both
+  for (int64_t n0 = col_begin; n0 < col_end; n0 += cols) {  // B's block stays in L1 across row groups
     for (int64_t t0 = 0; t0 < p.count; t0 += kRowsPerPass) {
-      expand_block_for<T>(rank_major, p.count - t0)(p, s.u.data(), t0, n0);
+      expand_block_for<T>(rank_major, p.count - t0)(p, u, t0, n0);
     }
   }
+}
+
+template <typename T>
+ItemKernels kernels_for() {
+  return {&rows_to_float<T>, &shrink<T>, &expand<T>};
 }
 
 }  // namespace
@@ -260,21 +344,25 @@ void item_avx512(const ItemArgs& p, Scratch& s) {
 #pragma GCC pop_options
 #endif  // LORA_EXT_HAVE_AVX512_KERNEL
 
-ItemKernel avx512_item_kernel(c10::ScalarType dtype, const ItemArgs& example) {
+bool avx512_item_kernels(c10::ScalarType dtype, const ItemArgs& example, ItemKernels* kernels) {
 #ifdef LORA_EXT_HAVE_AVX512_KERNEL
+  static_assert(kColumnChunk % kRankMajorCols == 0 && kRankGroup % kRanksPerPass == 0,
+                "work is split where the kernel's blocks start");
   const bool strides_fit = example.x_col_stride == 1 && example.a_col_stride == 1 &&
                            example.out_col_stride == 1 &&
                            (example.b_out_stride == 1 || example.b_rank_stride == 1);
-  if (!strides_fit || !cpu_has_avx512()) return nullptr;
+  if (!strides_fit || !cpu_has_avx512()) return false;
   switch (dtype) {
-    case c10::ScalarType::Float: return &item_avx512<float>;
-    case c10::ScalarType::Half: return &item_avx512<c10::Half>;
-    default: return &item_avx512<c10::BFloat16>;
+    case c10::ScalarType::Float: *kernels = kernels_for<float>(); break;
+    case c10::ScalarType::Half: *kernels = kernels_for<c10::Half>(); break;
+    default: *kernels = kernels_for<c10::BFloat16>();
   }
+  return true;
 #else
   (void)dtype;
   (void)example;
-  return nullptr;
+  (void)kernels;
+  return false;
 #endif
 }
 

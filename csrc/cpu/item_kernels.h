@@ -1,13 +1,12 @@
-// The CPU work item: rows that share one slot, computed by an ISA-specific kernel.
+// The CPU work item: rows that share one slot, computed by ISA-specific kernels.
 //   u[i, :rank] = scale * A[:rank] x[row_i]          (shrink, float32)
 //   out[row_i] (+)= B[:, :rank] u[i]                  (expand; "+" for add_lora_)
-// Each ISA file provides an ItemKernel per dtype; lora_cpu.cpp chooses one at run time.
+// Each ISA file provides ItemKernels per dtype; lora_cpu.cpp chooses them at run time.
 #pragma once
 
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
-#include <vector>
 
 namespace lora_ext {
 namespace cpu {
@@ -28,18 +27,24 @@ struct ItemArgs {
   bool accumulate;
 };
 
-// Per-thread buffers, reused across items.
-struct Scratch {
-  std::vector<float> x;  // count x d_in
-  std::vector<float> u;  // count x rank
-  std::vector<float> b;  // a block of B converted to float32
+// The three steps of an item, each over a part of it so that several threads can share one
+// item (a batch of one row, or rows that all share one adapter, still uses every core).
+struct ItemKernels {
+  // xs[i, :] = x[rows[i], :] as float32 (count x d_in)
+  void (*rows_to_float)(const ItemArgs&, float* xs);
+  // u[i, r] = scale * <A[r], xs[i]> for rank_begin <= r < rank_end (u: count x rank)
+  void (*shrink)(const ItemArgs&, const float* xs, int64_t rank_begin, int64_t rank_end, float* u);
+  // out[rows[i], n] (+)= sum_r B[n, r] u[i, r] for col_begin <= n < col_end
+  void (*expand)(const ItemArgs&, const float* u, int64_t col_begin, int64_t col_end);
 };
 
-using ItemKernel = void (*)(const ItemArgs&, Scratch&);
+// Steps of an item are split at multiples of these.
+constexpr int64_t kRankGroup = 8;
+constexpr int64_t kColumnChunk = 256;
 
-ItemKernel portable_item_kernel(c10::ScalarType dtype);
-// nullptr when this build or this CPU has no AVX-512, or the strides do not suit it.
-ItemKernel avx512_item_kernel(c10::ScalarType dtype, const ItemArgs& example);
+ItemKernels portable_item_kernels(c10::ScalarType dtype);
+// False when this build or this CPU has no AVX-512, or the strides do not suit it.
+bool avx512_item_kernels(c10::ScalarType dtype, const ItemArgs& example, ItemKernels* kernels);
 bool cpu_has_avx512();
 
 }  // namespace cpu

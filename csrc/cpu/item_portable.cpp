@@ -4,6 +4,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu/item_kernels.h"
 
@@ -37,39 +38,41 @@ float dot(const float* a, const float* b, int64_t n) {
 }
 
 template <typename T>
-void shrink(const ItemArgs& p, Scratch& s) {
+void rows_to_float(const ItemArgs& p, float* xs) {
   const T* x = static_cast<const T*>(p.x);
-  const T* a = static_cast<const T*>(p.a);
-  s.x.resize(p.count * p.d_in);
-  s.u.resize(p.count * p.rank);
-  s.b.resize(p.d_in);  // one row of A at a time
   for (int64_t i = 0; i < p.count; ++i) {
-    load_floats(x + p.rows[i] * p.x_row_stride, p.x_col_stride, p.d_in, &s.x[i * p.d_in]);
-  }
-  for (int64_t r = 0; r < p.rank; ++r) {  // each row of A is read once for all the item's rows
-    load_floats(a + r * p.a_rank_stride, p.a_col_stride, p.d_in, s.b.data());
-    for (int64_t i = 0; i < p.count; ++i) {
-      s.u[i * p.rank + r] = p.scale * dot(s.b.data(), &s.x[i * p.d_in], p.d_in);
-    }
+    load_floats(x + p.rows[i] * p.x_row_stride, p.x_col_stride, p.d_in, xs + i * p.d_in);
   }
 }
 
 template <typename T>
-void expand(const ItemArgs& p, Scratch& s) {
+void shrink(const ItemArgs& p, const float* xs, int64_t rank_begin, int64_t rank_end, float* u) {
+  const T* a = static_cast<const T*>(p.a);
+  thread_local std::vector<float> a_row;
+  a_row.resize(p.d_in);
+  for (int64_t r = rank_begin; r < rank_end; ++r) {  // each row of A is read once for all rows
+    load_floats(a + r * p.a_rank_stride, p.a_col_stride, p.d_in, a_row.data());
+    for (int64_t i = 0; i < p.count; ++i) u[i * p.rank + r] = p.scale * dot(a_row.data(), xs + i * p.d_in, p.d_in);
+  }
+}
+
+template <typename T>
+void expand(const ItemArgs& p, const float* u, int64_t col_begin, int64_t col_end) {
   const T* b = static_cast<const T*>(p.b);
   T* out = static_cast<T*>(p.out);
-  s.b.resize(p.rank * kColBlock);
+  thread_local std::vector<float> bt;
+  bt.resize(p.rank * kColBlock);
   float acc[kColBlock];
-  for (int64_t n0 = 0; n0 < p.d_out; n0 += kColBlock) {
-    const int64_t cols = std::min(kColBlock, p.d_out - n0);
-    for (int64_t r = 0; r < p.rank; ++r) {  // b[r, j] = B[n0 + j, r]
-      load_floats(b + n0 * p.b_out_stride + r * p.b_rank_stride, p.b_out_stride, cols, &s.b[r * kColBlock]);
+  for (int64_t n0 = col_begin; n0 < col_end; n0 += kColBlock) {
+    const int64_t cols = std::min(kColBlock, col_end - n0);
+    for (int64_t r = 0; r < p.rank; ++r) {  // bt[r, j] = B[n0 + j, r]
+      load_floats(b + n0 * p.b_out_stride + r * p.b_rank_stride, p.b_out_stride, cols, &bt[r * kColBlock]);
     }
     for (int64_t i = 0; i < p.count; ++i) {
       std::fill(acc, acc + cols, 0.f);
       for (int64_t r = 0; r < p.rank; ++r) {
-        const float ur = s.u[i * p.rank + r];
-        const float* br = &s.b[r * kColBlock];
+        const float ur = u[i * p.rank + r];
+        const float* br = &bt[r * kColBlock];
         for (int64_t j = 0; j < cols; ++j) acc[j] += ur * br[j];
       }
       T* dst = out + p.rows[i] * p.out_row_stride + n0 * p.out_col_stride;
@@ -82,18 +85,17 @@ void expand(const ItemArgs& p, Scratch& s) {
 }
 
 template <typename T>
-void item(const ItemArgs& p, Scratch& s) {
-  shrink<T>(p, s);
-  expand<T>(p, s);
+ItemKernels kernels_for() {
+  return {&rows_to_float<T>, &shrink<T>, &expand<T>};
 }
 
 }  // namespace
 
-ItemKernel portable_item_kernel(c10::ScalarType dtype) {
+ItemKernels portable_item_kernels(c10::ScalarType dtype) {
   switch (dtype) {
-    case c10::ScalarType::Float: return &item<float>;
-    case c10::ScalarType::Half: return &item<c10::Half>;
-    default: return &item<c10::BFloat16>;
+    case c10::ScalarType::Float: return kernels_for<float>();
+    case c10::ScalarType::Half: return kernels_for<c10::Half>();
+    default: return kernels_for<c10::BFloat16>();
   }
 }
 

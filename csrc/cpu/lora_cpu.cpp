@@ -11,6 +11,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -35,13 +36,13 @@ int64_t gemm_min_rows() {
   return value != nullptr ? std::atoll(value) : kDefaultGemmMinRows;
 }
 
-// LORA_EXT_CPU_ISA=portable forces the portable item kernel (tests cover both that way).
-ItemKernel choose_item_kernel(at::ScalarType dtype, const ItemArgs& example) {
+// LORA_EXT_CPU_ISA=portable forces the portable item kernels (tests cover both that way).
+ItemKernels choose_item_kernels(at::ScalarType dtype, const ItemArgs& example) {
   const char* isa = std::getenv("LORA_EXT_CPU_ISA");
-  if (isa == nullptr || std::strcmp(isa, "portable") != 0) {
-    if (ItemKernel kernel = avx512_item_kernel(dtype, example)) return kernel;
-  }
-  return portable_item_kernel(dtype);
+  ItemKernels kernels;
+  const bool portable_forced = isa != nullptr && std::strcmp(isa, "portable") == 0;
+  if (!portable_forced && avx512_item_kernels(dtype, example, &kernels)) return kernels;
+  return portable_item_kernels(dtype);
 }
 
 struct WorkItem {
@@ -114,6 +115,86 @@ void run_gemm_segment(const Batch& batch, const at::Tensor& plan_order, const Wo
   }
 }
 
+// A float buffer reused across calls from the same thread: no allocation, no zero fill, no
+// fresh pages on the hot path.
+class ReusedBuffer {
+ public:
+  float* get(int64_t size) {
+    if (size > capacity_) {
+      data_.reset(new float[size]);
+      capacity_ = size;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<float[]> data_;
+  int64_t capacity_ = 0;
+};
+
+// A part of one item: ranks [begin, end) for shrink, or columns [begin, end) for expand.
+struct Task {
+  int64_t item;
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<Task> split_items(const std::vector<WorkItem>& items, const std::vector<int64_t>& extent,
+                              int64_t step) {
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
+    for (int64_t begin = 0; begin < extent[i]; begin += step) {
+      tasks.push_back({i, begin, std::min(extent[i], begin + step)});
+    }
+  }
+  return tasks;
+}
+
+// Three parallel phases over parts of items, so the work spreads over every thread even when
+// the batch has fewer items than threads: rows to float32, shrink by rank groups, expand by
+// column chunks. Items without an adapter are zeroed (lora_delta) in the first phase.
+void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkItem>& items) {
+  const int64_t n = static_cast<int64_t>(items.size());
+  std::vector<ItemArgs> args(n);
+  std::vector<int64_t> xs_offset(n + 1, 0), u_offset(n + 1, 0), ranks(n), columns(n);
+  for (int64_t i = 0; i < n; ++i) {
+    args[i] = item_args(batch, order, items[i]);
+    ranks[i] = args[i].rank;
+    columns[i] = args[i].rank > 0 ? batch.sizes.d_out : 0;
+    xs_offset[i + 1] = xs_offset[i] + (args[i].rank > 0 ? args[i].count * args[i].d_in : 0);
+    u_offset[i + 1] = u_offset[i] + args[i].count * args[i].rank;
+  }
+  const ItemKernels kernels = choose_item_kernels(batch.x.scalar_type(), args[0]);
+  thread_local ReusedBuffer xs_buffer, u_buffer;
+  float* xs = xs_buffer.get(xs_offset[n]);
+  float* u = u_buffer.get(u_offset[n]);
+  const int64_t rows_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, xs_offset[n] / n));
+  at::parallel_for(0, n, rows_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (items[i].slot < 0) {
+        zero_rows(batch, order, items[i]);
+      } else if (args[i].rank > 0) {
+        kernels.rows_to_float(args[i], xs + xs_offset[i]);
+      }
+    }
+  });
+  const std::vector<Task> shrink_tasks = split_items(items, ranks, kRankGroup);
+  at::parallel_for(0, static_cast<int64_t>(shrink_tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const Task& task = shrink_tasks[t];
+      kernels.shrink(args[task.item], xs + xs_offset[task.item], task.begin, task.end,
+                     u + u_offset[task.item]);
+    }
+  });
+  const std::vector<Task> expand_tasks = split_items(items, columns, kColumnChunk);
+  at::parallel_for(0, static_cast<int64_t>(expand_tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const Task& task = expand_tasks[t];
+      kernels.expand(args[task.item], u + u_offset[task.item], task.begin, task.end);
+    }
+  });
+}
+
 void run_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
                   const at::Tensor& lora_b, const at::Tensor& slot_ids,
                   const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& ranks,
@@ -133,7 +214,7 @@ void run_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a
   for (int64_t bin = 0; bin <= layout.no_adapter_bin(); ++bin) {
     const int64_t begin = offsets[bin], end = offsets[bin + 1];
     if (begin == end) continue;
-    const bool no_work = bin == layout.no_adapter_bin() || batch.rank_of(bin) == 0;
+    const bool no_work = bin == layout.no_adapter_bin() || batch.rank_of(bin) == 0;  // zero rows
     if (no_work) {
       if (!accumulate) items.push_back({-1, begin, end - begin});
     } else if (end - begin >= gemm_rows) {
@@ -145,19 +226,7 @@ void run_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a
     }
   }
   for (const WorkItem& seg : gemm_segments) run_gemm_segment(batch, plan_order, seg);
-  if (items.empty()) return;
-
-  const ItemKernel kernel = choose_item_kernel(x.scalar_type(), item_args(batch, order, items[0]));
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    thread_local Scratch scratch;
-    for (int64_t i = begin; i < end; ++i) {
-      if (items[i].slot < 0) {
-        zero_rows(batch, order, items[i]);
-      } else {
-        kernel(item_args(batch, order, items[i]), scratch);
-      }
-    }
-  });
+  if (!items.empty()) run_items(batch, order, items);
 }
 
 at::Tensor lora_delta_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
