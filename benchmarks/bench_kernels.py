@@ -7,7 +7,7 @@ Every case times add_lora_ (out += delta: what a patched layer runs) on argument
 that the working set exceeds the last-level cache (the "cold" figure, as successive layers
 would see it), and once on a single set (the "hot" figure). Baselines timed in the same run:
   loop     one matmul pair per adapter present (PEFT's way)
-  gather   gather each row's A and B, then batched matmul (vLLM's torch path)
+  gather   gather each row's A and B, then einsum (CPU) or batched matmul (CUDA): vLLM's torch path
   dense    one torch.mm pair with a single adapter's weights for all rows (the best case)
   ref      lora_ext.reference (float32 reference of the contract)
 The limit: minimum bytes (each used adapter's weights once, x once, out read and written) over
@@ -129,13 +129,20 @@ def run_loop(s):
 
 
 def run_gather(s):
-    """Gather each row's weights, then batched matmuls (pads to the largest rank)."""
+    """vLLM's torch path: gather every row's A and B (padded to the largest rank). On CPU it
+    follows vLLM's CPU ops: the shrink converts the gathered weights to float32 and contracts with
+    einsum into a float32 buffer, the expand contracts in the output dtype and adds. On CUDA the
+    contractions are batched matmuls."""
     ids = s["slot_ids"].clamp(min=0)
-    mask = (s["slot_ids"] >= 0).to(s["x"].dtype).unsqueeze(1)
+    row_scale = (s["scales"][ids] * (s["slot_ids"] >= 0)).unsqueeze(1)
     a = s["lora_a"][ids]  # (T, R, d_in)
     b = s["lora_b"][ids]  # (T, d_out, R)
-    u = torch.bmm(a, s["x"].unsqueeze(2))  # (T, R, 1)
-    delta = torch.bmm(b, u).squeeze(2) * (s["scales"][ids].unsqueeze(1).to(s["x"].dtype) * mask)
+    if s["x"].is_cuda:
+        u = torch.bmm(a, s["x"].unsqueeze(2)).squeeze(2) * row_scale.to(a.dtype)
+        delta = torch.bmm(b, u.unsqueeze(2)).squeeze(2)
+    else:
+        u = torch.einsum("bi,boi->bo", s["x"].float(), a.float()) * row_scale
+        delta = torch.einsum("bi,boi->bo", u.to(b.dtype), b)
     s["out"].add_(delta)
 
 
@@ -352,8 +359,11 @@ def main(argv=None):
     parser.add_argument("--filter", default="", help="only cases whose name contains this")
     parser.add_argument("--cold-mb", type=float, default=None, help="bytes of argument sets to rotate through")
     parser.add_argument("--min-time", type=float, default=0.3, help="CPU: seconds per timing")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     dtypes = args.dtypes or (["bfloat16", "float32"] if device == "cpu" else ["bfloat16"])
     cold_bytes = (args.cold_mb or (640 if device == "cpu" else 256)) * 2**20
