@@ -42,6 +42,8 @@ class Case:
     sort_rows: bool = False
     dtype: str = "bfloat16"
     baselines: tuple = ("loop", "gather", "dense", "ref")
+    b_layout: str = "rank_major"  # how lora_b is stored: "rank_major" (S, R, d_out) as lora_ext's
+    # model layer stores it, or "peft" (S, d_out, R); the op takes either
     extra: dict = field(default_factory=dict)
 
 
@@ -85,6 +87,8 @@ def make_set(case, device, generator):
     s = dict(x=x, lora_a=a, lora_b=b, slot_ids=ids, scales=torch.full((adapters,), 2.0), ranks=ranks)
     s = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and k != "scales" else v.dtype)
          for k, v in s.items()}
+    if case.b_layout == "rank_major":
+        s["lora_b"] = s["lora_b"].transpose(1, 2).contiguous().transpose(1, 2)
     s["out"] = torch.zeros(case.rows, case.d_out, device=device, dtype=dtype)
     s["plan"] = lora_ext.build_plan(s["slot_ids"], adapters)
     used = ids[ids >= 0].unique()
@@ -220,12 +224,15 @@ def time_cuda_graph(fn, sets, reps):
 # ---- the limit ----------------------------------------------------------------------------------
 
 def measure_bandwidth(device):
-    """Bytes per second: CPU streaming read of 1 GiB; CUDA device copy of 1 GiB (read + write)."""
+    """Bytes per second. CPU: the best of three streaming reads of 1 GiB (sum, max, and a
+    matrix-vector product, which MKL streams fastest); CUDA: device-to-device copy of 1 GiB,
+    counting bytes read and written."""
     n = (1 << 30) // 4
     if device == "cpu":
         x = torch.ones(n)
-        x.sum()
-        return (n * 4) / time_cpu(lambda _: x.sum(), [None], 1.0)
+        matrix, vector = x.view(-1, 4096), torch.ones(4096)
+        probes = [lambda _: x.sum(), lambda _: x.amax(), lambda _: torch.mv(matrix, vector)]
+        return max((n * 4) / time_cpu(probe, [None], 1.0) for probe in probes)
     x = torch.ones(n, device=device)
     y = torch.empty_like(x)
     seconds = time_cuda_eager(lambda _: y.copy_(x), [None], 20)
@@ -257,6 +264,9 @@ def build_cases(device, quick, dtypes):
             for sort_rows in (False, True):
                 cases.append(Case(f"decode T=64 {distribution}{' sorted' if sort_rows else ''}", 64, 4096, 4096,
                                   (16,), distribution, sort_rows, dtype=dtype))
+        # B in PEFT's own layout, as a caller that stacks PEFT tensors unchanged would pass it.
+        cases.append(Case("decode T=64 distinct, B in PEFT layout", 64, 4096, 4096, (16,), "distinct",
+                          dtype=dtype, b_layout="peft"))
         # Mixed ranks in one launch against the same rows run rank by rank.
         cases.append(Case("decode T=64 mixed ranks {8,16,32,64}", 64, 4096, 4096, (8, 16, 32, 64),
                           "distinct", dtype=dtype, extra={"compare_rank_by_rank": True}))
