@@ -1,0 +1,81 @@
+"""A linear layer with device slots for many adapters: base output plus each row's LoRA delta."""
+
+import torch
+
+from lora_ext import ops
+from lora_ext.model.batch import current_batch
+from lora_ext.model.targets import is_conv1d
+
+
+class LoraLayer(torch.nn.Module):
+    """Wraps a torch.nn.Linear or transformers Conv1D (the base layer is kept, not copied).
+
+    Buffers, preallocated once: lora_a (S, R, d_in), lora_b stored rank-major (S, R, d_out) and
+    seen by the ops as its (S, d_out, R) transpose, scales (S,) and ranks (S,). A slot that an
+    adapter does not target in this layer has rank 0 and adds nothing.
+    """
+
+    def __init__(self, base_layer, module_name, max_adapters, max_rank, owner):
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.is_conv1d = is_conv1d(base_layer)
+        weight = base_layer.weight
+        # Linear stores its weight (out, in); Conv1D (GPT-2) stores it (in, out).
+        self.in_features, self.out_features = weight.shape if self.is_conv1d else weight.shape[::-1]
+        float_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+        opts = dict(device=weight.device, dtype=float_dtype)
+        self.register_buffer("lora_a", torch.zeros(max_adapters, max_rank, self.in_features, **opts), persistent=False)
+        self.register_buffer("lora_b_rank_major", torch.zeros(max_adapters, max_rank, self.out_features, **opts),
+                             persistent=False)
+        self.register_buffer("scales", torch.zeros(max_adapters, dtype=torch.float32, device=weight.device),
+                             persistent=False)
+        self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=weight.device),
+                             persistent=False)
+        self._owner = owner
+
+    @property
+    def lora_b(self):
+        """(S, d_out, R) view of the rank-major storage: what the ops take."""
+        return self.lora_b_rank_major.transpose(1, 2)
+
+    @property
+    def dtype(self):
+        return self.lora_a.dtype
+
+    def write_slot(self, slot, weights, non_blocking=False):
+        """Puts one adapter's prepared weights (or None: not targeted here) into `slot`."""
+        if weights is None:
+            self.ranks[slot] = 0
+            self.scales[slot] = 0.0
+            return
+        rank = weights.rank
+        self.lora_a[slot, :rank].copy_(weights.lora_a, non_blocking=non_blocking)
+        self.lora_b_rank_major[slot, :rank].copy_(weights.lora_b_t, non_blocking=non_blocking)
+        self.scales[slot] = weights.scaling
+        self.ranks[slot] = rank
+
+    def delta_weight(self, weights):
+        """scaling * B @ A in float32, shaped like the base weight (for merging)."""
+        delta = weights.scaling * (weights.lora_b_t.float().T @ weights.lora_a.float())  # (out, in)
+        return delta.T if self.is_conv1d else delta
+
+    def forward(self, x, *args, **kwargs):
+        out = self.base_layer(x, *args, **kwargs)
+        batch = current_batch(self._owner)
+        if batch is None:
+            return out
+        slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype != self.dtype:
+            rows = rows.to(self.dtype)
+        if out.dtype == self.dtype and out.is_contiguous():
+            ops.add_lora_(out.view(-1, self.out_features), rows, self.lora_a, self.lora_b, slot_ids, self.scales,
+                          self.ranks, plan)
+            return out
+        delta = ops.lora_delta(rows, self.lora_a, self.lora_b, slot_ids, self.scales, self.ranks, plan)
+        return out + delta.view(out.shape).to(out.dtype)
+
+    def extra_repr(self):
+        slots, rank = self.lora_a.shape[:2]
+        return f"{self.module_name}: {self.in_features} -> {self.out_features}, {slots} slots of rank up to {rank}"

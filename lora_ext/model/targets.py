@@ -1,0 +1,57 @@
+"""Which modules of a model get LoRA slots: PEFT's target_modules semantics."""
+
+import re
+
+import torch
+
+
+def conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain torch models
+        return None
+    return Conv1D
+
+
+def is_conv1d(module):
+    cls = conv1d_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def is_supported_layer(module):
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
+
+
+def _matches(name, target_modules):
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_target_modules(model, target_modules):
+    """Names of the modules to patch.
+
+    target_modules: a list of name suffixes, a regex matched against the full module name, or
+    "all-linear" (every nn.Linear / transformers Conv1D except the output head).
+    """
+    if target_modules is None or (not isinstance(target_modules, str) and not list(target_modules)):
+        raise ValueError("lora_ext: target_modules must be 'all-linear', a regex string or a non-empty list of "
+                         "module name suffixes")
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if target_modules == "all-linear":
+            if is_supported_layer(module) and module is not output_head:
+                names.append(name)
+            continue
+        if _matches(name, target_modules):
+            if not is_supported_layer(module):
+                raise ValueError(f"lora_ext: target module {name!r} is a {type(module).__name__}; only torch.nn.Linear "
+                                 "and transformers Conv1D layers are supported")
+            names.append(name)
+    if not names:
+        raise ValueError(f"lora_ext: target_modules={target_modules!r} matches no module of "
+                         f"{type(model).__name__}")
+    return names
