@@ -85,6 +85,8 @@ class MultiLoraModel:
         self._merged = None
         self._merge_backup = {}
         self._patched = True
+        self._copy_stream = None
+        self._pending_copies = {}  # slot -> (event, weights kept alive until the copy is done)
         self._counters = dict(hits=0, misses=0, slot_evictions=0, host_evictions=0, disk_reads=0,
                               load_seconds=0.0)
 
@@ -114,7 +116,7 @@ class MultiLoraModel:
             slot = self._slots.free_or_victim()
             if slot is not None and self._slots.owner[slot] is None:
                 self._write_slot(slot, name, prepared)
-        self._counters["load_seconds"] += time.perf_counter() - started
+            self._counters["load_seconds"] += time.perf_counter() - started
         logger.info("loaded adapter %r from %s: %d modules, %d bytes", name, path, len(prepared.modules),
                     prepared.nbytes)
 
@@ -183,6 +185,7 @@ class MultiLoraModel:
         distinct = list(dict.fromkeys(n for n in names if n is not None))
         slots = self._acquire(distinct)
         try:
+            self._wait_for_copies(slots.values())
             row_slots = torch.tensor([slots[n] if n is not None else -1 for n in names], dtype=torch.long,
                                      device=self._device())
             with torch.no_grad(), active_batch(BatchRows(self, row_slots, self.max_adapters)):
@@ -372,8 +375,34 @@ class MultiLoraModel:
         if evicted is not None:
             self._counters["slot_evictions"] += 1
             logger.info("device slot %d: evicted adapter %r for %r", slot, evicted, name)
-        for module, layer in self.layers.items():
-            layer.write_slot(slot, prepared.modules.get(module))
+        device = self._device()
+        if device.type != "cuda":
+            for module, layer in self.layers.items():
+                layer.write_slot(slot, prepared.modules.get(module))
+            return
+        # On a GPU the copy runs on a side stream; batches that use the slot wait on its event,
+        # never on the whole device. The side stream first waits for work already queued on the
+        # current stream, which may still read the slot's previous adapter.
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._copy_stream):
+            for module, layer in self.layers.items():
+                layer.write_slot(slot, prepared.modules.get(module), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        self._pending_copies[slot] = (event, prepared)
+
+    def _wait_for_copies(self, slots):
+        """Makes the current stream wait for copies into these slots (CUDA only)."""
+        with self._lock:
+            for slot in slots:
+                pending = self._pending_copies.get(slot)
+                if pending is None:
+                    continue
+                torch.cuda.current_stream(self._device()).wait_event(pending[0])
+                if pending[0].query():
+                    del self._pending_copies[slot]
 
 
 def patch_model(model, target_modules="all-linear", max_adapters=8, max_rank=64, host_cache_bytes=None):

@@ -1,0 +1,57 @@
+"""The lora-ext command: `lora-ext inspect DIR` (and `python -m lora_ext ...`)."""
+
+import argparse
+import sys
+
+from lora_ext.adapters.peft_format import AdapterError, read_peft_adapter
+
+
+def inspect_adapter(path, allow_pickle=False, max_rank=None, out=None):
+    """Prints an adapter's modules, ranks and scalings, or its problems; returns the exit code."""
+    out = out or sys.stdout
+    try:
+        adapter = read_peft_adapter("inspected", path, allow_pickle=allow_pickle)
+    except AdapterError as exc:
+        print(f"{path}: problem: {exc}", file=out)
+        return 1
+    config = adapter.config
+    print(f"{path}: LoRA adapter, base model {config.get('base_model_name_or_path')!r}", file=out)
+    print(f"  r={config['r']} lora_alpha={config['lora_alpha']} use_rslora={bool(config.get('use_rslora'))} "
+          f"target_modules={config.get('target_modules')!r}", file=out)
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
+        if config.get(key):
+            print(f"  {key}={config[key]!r}", file=out)
+    width = max(len(m) for m in adapter.modules)
+    print(f"  {'module':{width}}  rank  scaling     d_in  d_out", file=out)
+    problems = 0
+    for module, w in adapter.modules.items():
+        print(f"  {module:{width}}  {w.rank:4d}  {w.scaling:7.4f}  {w.lora_a.shape[1]:6d} {w.lora_b.shape[0]:6d}", file=out)
+        if max_rank is not None and w.rank > max_rank:
+            print(f"  problem: module {module!r} has rank {w.rank} above --max-rank {max_rank}", file=out)
+            problems += 1
+    print(f"  {len(adapter.modules)} modules, {adapter.nbytes / 2**20:.2f} MiB of weights"
+          f"{f', {problems} problems' if problems else ', no problems found'}", file=out)
+    return 1 if problems else 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="lora-ext", description="Serve many LoRA adapters on one base model.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="show a PEFT adapter's modules, ranks, scalings and problems")
+    inspect.add_argument("directory", nargs="+")
+    inspect.add_argument("--allow-pickle", action="store_true",
+                         help="read adapter_model.bin (with torch.load(weights_only=True))")
+    inspect.add_argument("--max-rank", type=int, default=None, help="report modules above this rank as problems")
+    bench = commands.add_parser("bench", help="end-to-end multi-adapter throughput benchmark", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "inspect":
+        codes = [inspect_adapter(d, args.allow_pickle, args.max_rank) for d in args.directory]
+        return max(codes)
+    from lora_ext.bench.main import main as bench_main  # imported here: it needs transformers
+
+    return bench_main(args.bench_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
