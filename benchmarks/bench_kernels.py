@@ -18,16 +18,14 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 import lora_ext
+from lora_ext.bench.measure import machine_info, measure_bandwidth
 from lora_ext.reference import lora_delta_ref
 
 
@@ -221,24 +219,6 @@ def time_cuda_graph(fn, sets, reps):
     return statistics.median(samples)
 
 
-# ---- the limit ----------------------------------------------------------------------------------
-
-def measure_bandwidth(device):
-    """Bytes per second. CPU: the best of three streaming reads of 1 GiB (sum, max, and a
-    matrix-vector product, which MKL streams fastest); CUDA: device-to-device copy of 1 GiB,
-    counting bytes read and written."""
-    n = (1 << 30) // 4
-    if device == "cpu":
-        x = torch.ones(n)
-        matrix, vector = x.view(-1, 4096), torch.ones(4096)
-        probes = [lambda _: x.sum(), lambda _: x.amax(), lambda _: torch.mv(matrix, vector)]
-        return max((n * 4) / time_cpu(probe, [None], 1.0) for probe in probes)
-    x = torch.ones(n, device=device)
-    y = torch.empty_like(x)
-    seconds = time_cuda_eager(lambda _: y.copy_(x), [None], 20)
-    return 2 * n * 4 / seconds
-
-
 # ---- cases ----------------------------------------------------------------------------------------
 
 def build_cases(device, quick, dtypes):
@@ -317,30 +297,6 @@ def run_case(case, device, bandwidth, timer, cold_bytes):
         row["mixed_over_rank_by_rank"] = row["lora_ext_cold_s"] / row["rank_by_rank_s"]
     del sets
     return row
-
-
-def machine_info(device):
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "build": lora_ext.build_info(),
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "platform": platform.platform()}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        info["commit"] = "unknown"
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = props.name
-        info["sm_count"] = props.multi_processor_count
-        try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True).stdout.strip()
-        except OSError:
-            info["driver"] = "unknown"
-    else:
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                            if line.startswith("model name")), platform.processor())
-    return info
 
 
 def print_table(rows, bandwidth):

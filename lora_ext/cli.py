@@ -35,6 +35,11 @@ def inspect_adapter(path, allow_pickle=False, max_rank=None, out=None):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser takes every remaining argument
+        from lora_ext.bench.main import main as bench_main  # imported here: it needs transformers
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lora-ext", description="Serve many LoRA adapters on one base model.")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="show a PEFT adapter's modules, ranks, scalings and problems")
@@ -42,15 +47,9 @@ def main(argv=None):
     inspect.add_argument("--allow-pickle", action="store_true",
                          help="read adapter_model.bin (with torch.load(weights_only=True))")
     inspect.add_argument("--max-rank", type=int, default=None, help="report modules above this rank as problems")
-    bench = commands.add_parser("bench", help="end-to-end multi-adapter throughput benchmark", add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    commands.add_parser("bench", help="end-to-end multi-adapter throughput benchmark (lora-ext bench --help)")
     args = parser.parse_args(argv)
-    if args.command == "inspect":
-        codes = [inspect_adapter(d, args.allow_pickle, args.max_rank) for d in args.directory]
-        return max(codes)
-    from lora_ext.bench.main import main as bench_main  # imported here: it needs transformers
-
-    return bench_main(args.bench_args)
+    return max(inspect_adapter(d, args.allow_pickle, args.max_rank) for d in args.directory)
 
 
 if __name__ == "__main__":

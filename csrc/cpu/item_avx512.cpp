@@ -81,25 +81,17 @@ inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
 }
 
-template <typename T>
-void rows_to_float(const ItemArgs& p, float* xs) {
-  const T* x = static_cast<const T*>(p.x);
-  for (int64_t i = 0; i < p.count; ++i) {
-    const T* src = x + p.rows[i] * p.x_row_stride;
-    for (int64_t k = 0; k < p.d_in; k += 16) {
-      const __mmask16 m = first_lanes(p.d_in - k);
-      _mm512_mask_storeu_ps(xs + i * p.d_in + k, m, load16(src + k, m));
-    }
-  }
-}
-
-// u[t0 + i, r0 + j] = scale * <A[r0 + j], x[t0 + i]> for j < NR, i < NT. With few rows the
-// k loop keeps two sets of accumulators, so enough FMA chains run at once to hide their latency.
+// u[t0 + i, r0 + j] = scale * <A[r0 + j], x[rows[t0 + i]]> for j < NR, i < NT, reading x in its
+// own dtype. With few rows the k loop keeps two sets of accumulators, so enough FMA chains run at
+// once to hide their latency.
 template <typename T, int NR, int NT>
-void shrink_block(const ItemArgs& p, const float* xs, int64_t r0, int64_t t0, float* u) {
+void shrink_block(const ItemArgs& p, const float* /*xs: unused, x is read directly*/, int64_t r0, int64_t t0,
+                  float* u) {
   constexpr int kSets = NR * NT < 8 ? 2 : 1;
   const T* a = static_cast<const T*>(p.a) + r0 * p.a_rank_stride;
-  const float* x = xs + t0 * p.d_in;
+  const T* x_rows[NT];
+#pragma GCC unroll 4
+  for (int i = 0; i < NT; ++i) x_rows[i] = static_cast<const T*>(p.x) + p.rows[t0 + i] * p.x_row_stride;
   __m512 acc[kSets][NR][NT];
 #pragma GCC unroll 4
   for (int s = 0; s < kSets; ++s)
@@ -110,7 +102,7 @@ void shrink_block(const ItemArgs& p, const float* xs, int64_t r0, int64_t t0, fl
   auto step = [&](int s, int64_t k, __mmask16 m) {
     __m512 xv[NT];
 #pragma GCC unroll 4
-    for (int i = 0; i < NT; ++i) xv[i] = _mm512_maskz_loadu_ps(m, x + i * p.d_in + k);
+    for (int i = 0; i < NT; ++i) xv[i] = load16(x_rows[i] + k, m);
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
       const __m512 av = load16(a + j * p.a_rank_stride + k, m);
@@ -348,7 +340,7 @@ void expand(const ItemArgs& p, const float* u, int64_t col_begin, int64_t col_en
 
 template <typename T>
 ItemKernels kernels_for() {
-  return {&rows_to_float<T>, &shrink<T>, &expand<T>};
+  return {nullptr, &shrink<T>, &expand<T>};
 }
 
 }  // namespace

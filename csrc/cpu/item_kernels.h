@@ -30,9 +30,10 @@ struct ItemArgs {
 // The three steps of an item, each over a part of it so that several threads can share one
 // item (a batch of one row, or rows that all share one adapter, still uses every core).
 struct ItemKernels {
-  // xs[i, :] = x[rows[i], :] as float32 (count x d_in)
+  // xs[i, :] = x[rows[i], :] as float32 (count x d_in); nullptr when shrink reads x itself
   void (*rows_to_float)(const ItemArgs&, float* xs);
-  // u[i, r] = scale * <A[r], xs[i]> for rank_begin <= r < rank_end (u: count x rank)
+  // u[i, r] = scale * <A[r], x[rows[i]]> for rank_begin <= r < rank_end (u: count x rank), reading
+  // the rows from xs when rows_to_float exists, else from x directly
   void (*shrink)(const ItemArgs&, const float* xs, int64_t rank_begin, int64_t rank_end, float* u);
   // out[rows[i], n] (+)= sum_r B[n, r] u[i, r] for col_begin <= n < col_end
   void (*expand)(const ItemArgs&, const float* u, int64_t col_begin, int64_t col_end);

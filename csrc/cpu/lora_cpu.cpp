@@ -161,19 +161,23 @@ void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkI
     args[i] = item_args(batch, order, items[i]);
     ranks[i] = args[i].rank;
     columns[i] = args[i].rank > 0 ? batch.sizes.d_out : 0;
-    xs_offset[i + 1] = xs_offset[i] + (args[i].rank > 0 ? args[i].count * args[i].d_in : 0);
     u_offset[i + 1] = u_offset[i] + args[i].count * args[i].rank;
   }
   const ItemKernels kernels = choose_item_kernels(batch.x.scalar_type(), args[0]);
+  for (int64_t i = 0; i < n; ++i) {  // float32 copies of x's rows, for kernels that want them
+    const bool wanted = kernels.rows_to_float != nullptr && args[i].rank > 0;
+    xs_offset[i + 1] = xs_offset[i] + (wanted ? args[i].count * args[i].d_in : 0);
+  }
   thread_local ReusedBuffer xs_buffer, u_buffer;
   float* xs = xs_buffer.get(xs_offset[n]);
   float* u = u_buffer.get(u_offset[n]);
+  // Small work (zeroing rows, converting few rows) runs inline rather than waking the pool.
   const int64_t rows_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, xs_offset[n] / n));
-  at::parallel_for(0, n, rows_grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, xs_offset[n] == 0 ? n : rows_grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (items[i].slot < 0) {
         zero_rows(batch, order, items[i]);
-      } else if (args[i].rank > 0) {
+      } else if (kernels.rows_to_float != nullptr && args[i].rank > 0) {
         kernels.rows_to_float(args[i], xs + xs_offset[i]);
       }
     }

@@ -13,10 +13,11 @@ _current_batch = contextvars.ContextVar("lora_ext_batch", default=None)
 
 
 class BatchRows:
-    def __init__(self, owner, row_slots, num_slots):
+    def __init__(self, owner, row_slots, num_slots, any_adapter=True):
         self.owner = owner
         self.row_slots = row_slots  # (B,) int64 on the layers' device, -1 = base model
         self.num_slots = num_slots
+        self.any_adapter = any_adapter  # False: every row uses the base model, layers skip the ops
         self._per_size = {}
 
     def slots_and_plan(self, tokens):

@@ -63,7 +63,7 @@ class LoraLayer(torch.nn.Module):
     def forward(self, x, *args, **kwargs):
         out = self.base_layer(x, *args, **kwargs)
         batch = current_batch(self._owner)
-        if batch is None:
+        if batch is None or not batch.any_adapter:
             return out
         slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
         rows = x.reshape(-1, self.in_features)

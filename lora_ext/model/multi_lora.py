@@ -188,7 +188,8 @@ class MultiLoraModel:
             self._wait_for_copies(slots.values())
             row_slots = torch.tensor([slots[n] if n is not None else -1 for n in names], dtype=torch.long,
                                      device=self._device())
-            with torch.no_grad(), active_batch(BatchRows(self, row_slots, self.max_adapters)):
+            rows = BatchRows(self, row_slots, self.max_adapters, any_adapter=bool(distinct))
+            with torch.no_grad(), active_batch(rows):
                 yield
         finally:
             self._release(slots)

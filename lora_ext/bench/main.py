@@ -1,0 +1,242 @@
+"""lora-ext bench: end-to-end multi-adapter serving throughput on one model, in one run.
+
+Scenarios, all on the same model and prompts: the base model alone (the ceiling); lora_ext with
+1, 8 and N distinct adapters in one batch, and a mixed-rank set; PEFT's own mixed batch
+(adapter_names) on the same adapters; serving adapter by adapter (one forward pass per adapter);
+one adapter merged into the base weights. A float32 check first compares greedy tokens of
+lora_ext and PEFT for every row; a mismatch makes the command exit with status 1.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+import lora_ext
+from lora_ext.bench import report
+from lora_ext.bench.measure import machine_info, measure_bandwidth
+from lora_ext.bench.runners import BatchRunner, SplitRunner, time_runner
+from lora_ext.bench.synthetic import DEFAULT_MODEL_CONFIG, build_default_model, load_local_model, make_adapters
+
+MIXED_RANKS = (8, 16, 32, 64)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="lora-ext bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a local Hugging Face model directory (default: a built-in Llama config)")
+    p.add_argument("--adapters", nargs="+", help="PEFT adapter directories (default: synthetic adapters)")
+    p.add_argument("--num-adapters", type=int, default=32, help="distinct adapters in the largest batch")
+    p.add_argument("--ranks", type=int, nargs="+", default=[16], help="ranks of the synthetic adapters")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per repeat")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quick", action="store_true", help="shorter prompts, fewer tokens and repeats")
+    p.add_argument("--no-peft", action="store_true", help="skip the PEFT scenario and the PEFT token check")
+    p.add_argument("--out", default="lora_ext_bench", help="folder for bench.json, bench.png and bench.txt")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompt_len, args.new_tokens, args.repeats = min(args.prompt_len, 32), min(args.new_tokens, 8), 1
+    for name in ("num_adapters", "batch_size", "prompt_len", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def build_model(args, dtype):
+    if args.model:
+        return load_local_model(args.model, dtype, args.device)
+    return build_default_model(dtype, args.device)
+
+
+def prompts(args, vocab_size):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab_size, (args.batch_size, args.prompt_len), generator=g)
+    return ids.to(args.device), torch.ones_like(ids).to(args.device)
+
+
+def row_names(names, batch_size):
+    return [names[i % len(names)] for i in range(batch_size)]
+
+
+def adapter_bytes_per_step(mm, names):
+    """Bytes of adapter weights one decode step must read: each distinct adapter's A and B once."""
+    total = 0
+    for name in set(names):
+        record = mm._registry[name]
+        for module, rank in record.ranks.items():
+            layer = mm.layers[module]
+            total += rank * (layer.in_features + layer.out_features) * layer.lora_a.element_size()
+    return total
+
+
+def peft_model(model, paths):
+    from peft import PeftModel
+
+    names = list(paths)
+    peft = PeftModel.from_pretrained(model, paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(paths[name], adapter_name=name)
+    return peft.eval()
+
+
+def check_tokens(args, paths, names, ids, mask):
+    """Greedy tokens of lora_ext against PEFT for every row, in float32. Returns a result dict."""
+    try:
+        import peft  # noqa: F401  (only to know whether it is installed)
+    except ImportError:
+        return dict(checked=False, reason="peft is not installed")
+    new = min(args.new_tokens, 8)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    mm = lora_ext.patch_model(build_model(args, torch.float32), max_adapters=len(set(names)),
+                              max_rank=max_rank_of(paths))
+    for name in set(names):
+        mm.load_adapter(name, paths[name])
+    ours = mm.generate(adapter_names=names, **kwargs)
+    reference = peft_model(build_model(args, torch.float32), {n: paths[n] for n in dict.fromkeys(names)}).generate(
+        adapter_names=names, **kwargs)
+    same = (ours == reference).all(dim=1)
+    return dict(checked=True, dtype="float32", rows=len(names), new_tokens=new, rows_matching=int(same.sum()),
+                mismatched_rows=[int(i) for i in (~same).nonzero().flatten()], ok=bool(same.all()))
+
+
+def max_rank_of(paths):
+    return max(w.rank for path in paths.values() for w in lora_ext.read_peft_adapter("x", path).modules.values())
+
+
+def run(args):
+    dtype = getattr(torch, args.dtype)
+    out_dir = report.ensure_dir(args.out)
+    workdir = tempfile.mkdtemp(prefix="lora_ext_bench_")
+    from tqdm import tqdm
+
+    model = build_model(args, dtype)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids, mask = prompts(args, vocab)
+    if args.adapters:
+        paths = {f"user{i}": d for i, d in enumerate(args.adapters)}
+        main_names = list(paths)
+        mixed_names = []
+    else:
+        paths = make_adapters(model, workdir, args.num_adapters, args.ranks, prefix="lora")
+        main_names = list(paths)
+        mixed = make_adapters(model, workdir, args.num_adapters, MIXED_RANKS, prefix="mixed")
+        paths.update(mixed)
+        mixed_names = list(mixed)
+    n = args.num_adapters
+    groups = [(f"lora_ext {k} adapter{'s' if k > 1 else ''}", main_names[:k]) for k in sorted({1, min(8, n), n})]
+    if mixed_names:
+        groups.append((f"lora_ext {n} adapters, ranks {'/'.join(map(str, MIXED_RANKS))}", mixed_names[:n]))
+
+    print(f"lora-ext bench: {args.model or 'built-in Llama ' + str(DEFAULT_MODEL_CONFIG)}")
+    print(f"  device {args.device}, {args.dtype}, batch {args.batch_size} x prompt {args.prompt_len}, "
+          f"{args.new_tokens} decode steps x {args.repeats} repeats, {torch.get_num_threads()} threads")
+    bandwidth = measure_bandwidth(args.device)
+    print(f"  measured memory bandwidth {bandwidth / 1e9:.1f} GB/s")
+
+    peft_wanted = not args.no_peft
+    correctness = check_tokens(args, paths, row_names(main_names[:n], args.batch_size), ids, mask) if peft_wanted \
+        else dict(checked=False, reason="--no-peft")
+    print("  greedy tokens, lora_ext vs PEFT (float32): " + (
+        f"{correctness['rows_matching']}/{correctness['rows']} rows identical" if correctness["checked"]
+        else f"not checked ({correctness['reason']})"))
+
+    total_runs = (args.repeats + 1) * (len(groups) + 3 + int(peft_wanted))
+    progress = tqdm(total=total_runs, desc="scenarios", file=sys.stderr, leave=False)
+    rows = []
+
+    def record(scenario, kind, runner, names, mm=None):
+        progress.set_postfix_str(scenario)
+        prefill_s, step_s = time_runner(runner, ids, mask, args.new_tokens, args.repeats, args.device, progress)
+        row = dict(scenario=scenario, kind=kind, adapters=len(set(names)) if names else 0,
+                   prefill_s=prefill_s, decode_step_s=step_s, decode_step_ms=step_s * 1e3,
+                   prefill_tokens_per_s=args.batch_size * args.prompt_len / prefill_s,
+                   decode_tokens_per_s=args.batch_size / step_s)
+        if mm is not None and names:
+            row["adapter_bytes_per_step"] = adapter_bytes_per_step(mm, names)
+            row["floor_ms"] = row["adapter_bytes_per_step"] / bandwidth * 1e3
+        rows.append(row)
+
+    record("base model (no adapters)", "base", BatchRunner(model), [])
+    max_rank = max_rank_of(paths)
+    mm = lora_ext.patch_model(model, max_adapters=n, max_rank=max_rank)
+    for name, path in paths.items():
+        mm.load_adapter(name, path)
+    for scenario, names in groups:
+        per_row = row_names(names, args.batch_size)
+        record(scenario, "lora_ext", BatchRunner(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw)), per_row, mm)
+    split_names = row_names(main_names[:n], args.batch_size)
+    split = SplitRunner([(torch.tensor([i for i, x in enumerate(split_names) if x == name], device=args.device),
+                          BatchRunner(lambda _n=name, _k=split_names.count(name), **kw: mm(adapter_names=[_n] * _k, **kw)))
+                         for name in dict.fromkeys(split_names)])
+    record(f"adapter by adapter ({n} passes)", "split", split, split_names, mm)
+    mm.merge_adapter(main_names[0])
+    record("1 adapter merged into the base", "merged", BatchRunner(lambda **kw: mm(**kw)), [])
+    mm.unmerge_adapter()
+    if peft_wanted:
+        try:
+            peft = peft_model(build_model(args, dtype), {m: paths[m] for m in main_names[:n]})  # an unpatched copy
+            record(f"PEFT mixed batch, {n} adapters", "peft",
+                   BatchRunner(lambda _n=split_names, **kw: peft(adapter_names=_n, **kw)), split_names, mm)
+        except ImportError:
+            pass
+    progress.close()
+    base_step = rows[0]["decode_step_s"]
+    for row in rows[1:]:
+        row["overhead_ms"] = (row["decode_step_s"] - base_step) * 1e3
+        if row.get("floor_ms"):
+            row["overhead_over_floor"] = row["overhead_ms"] / row["floor_ms"]
+    summary = summarize(rows, n)
+    result = dict(setup=machine_info(args.device), args=vars(args), model=args.model or DEFAULT_MODEL_CONFIG,
+                  bandwidth_bytes_per_s=bandwidth, correctness=correctness, rows=rows, summary=summary)
+    table = report.format_table(rows)
+    text = "\n".join([table, "", "columns:", report.column_help(), "", *summary["lines"]])
+    print()
+    print(text)
+    report.write_json(os.path.join(out_dir, "bench.json"), result)
+    with open(os.path.join(out_dir, "bench.txt"), "w") as f:
+        f.write(text + "\n")
+    report.write_plot(os.path.join(out_dir, "bench.png"), rows,
+                      f"lora-ext bench: {args.device} {args.dtype}, batch {args.batch_size}, {n} adapters")
+    print(f"\nwrote {out_dir}/bench.json, bench.txt, bench.png")
+    if correctness.get("checked") and not correctness["ok"]:
+        print(f"ERROR: lora_ext and PEFT generated different tokens on rows {correctness['mismatched_rows']}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def summarize(rows, n):
+    by_name = {r["scenario"]: r for r in rows}
+    ours = by_name.get(f"lora_ext {n} adapters") or by_name.get(f"lora_ext {n} adapter")
+    peft = next((r for r in rows if r["kind"] == "peft"), None)
+    lines, figures = [], {}
+    if ours is not None:
+        figures["overhead_over_floor"] = ours.get("overhead_over_floor")
+        lines.append(f"lora_ext, {n} distinct adapters: decode overhead {ours['overhead_ms']:.2f} ms/step = "
+                     f"{ours.get('overhead_over_floor', float('nan')):.2f}x the adapter-streaming floor "
+                     f"({ours.get('floor_ms', float('nan')):.2f} ms)")
+    if ours is not None and peft is not None and peft["overhead_ms"] > 0:
+        figures["overhead_vs_peft"] = ours["overhead_ms"] / peft["overhead_ms"]
+        lines.append(f"PEFT mixed batch overhead {peft['overhead_ms']:.2f} ms/step: lora_ext's is "
+                     f"{figures['overhead_vs_peft']:.3f} of it ({1 / max(figures['overhead_vs_peft'], 1e-9):.1f}x less)")
+    figures["lines"] = lines
+    return figures
+
+
+def main(argv=None):
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    started = time.perf_counter()
+    code = run(args)
+    print(f"total time {time.perf_counter() - started:.0f} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
