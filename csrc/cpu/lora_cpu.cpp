@@ -28,6 +28,8 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kRowBlock = 16;
+// With at least this many items per thread, items run whole; with fewer, their parts are split.
+constexpr int64_t kWholeItemsPerThread = 4;
 // Slots with at least this many rows take the GEMM path (LORA_EXT_CPU_GEMM_MIN_ROWS overrides).
 constexpr int64_t kDefaultGemmMinRows = 64;
 
@@ -182,6 +184,18 @@ void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkI
       }
     }
   });
+  if (n >= kWholeItemsPerThread * at::get_num_threads()) {
+    // Enough items for every thread: each item's shrink and expand run back to back on one
+    // thread, so the B that its shrink prefetched is still in that core's cache.
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (ranks[i] == 0) continue;
+        kernels.shrink(args[i], xs + xs_offset[i], 0, ranks[i], u + u_offset[i]);
+        kernels.expand(args[i], u + u_offset[i], 0, columns[i]);
+      }
+    });
+    return;
+  }
   const std::vector<Task> shrink_tasks = split_items(items, ranks, kRankGroup);
   at::parallel_for(0, static_cast<int64_t>(shrink_tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
