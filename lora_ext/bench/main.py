@@ -9,6 +9,7 @@ lora_ext and PEFT for every row; a mismatch makes the command exit with status 1
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ import torch
 import lora_ext
 from lora_ext.bench import report
 from lora_ext.bench.measure import machine_info, measure_bandwidth
-from lora_ext.bench.runners import BatchRunner, SplitRunner, time_runner
+from lora_ext.bench.runners import BatchRunner, SplitRunner, time_interleaved
 from lora_ext.bench.synthetic import DEFAULT_MODEL_CONFIG, build_default_model, load_local_model, make_adapters
 
 MIXED_RANKS = (8, 16, 32, 64)
@@ -147,51 +148,26 @@ def run(args):
         f"{correctness['rows_matching']}/{correctness['rows']} rows identical" if correctness["checked"]
         else f"not checked ({correctness['reason']})"))
 
-    total_runs = (args.repeats + 1) * (len(groups) + 3 + int(peft_wanted))
-    progress = tqdm(total=total_runs, desc="scenarios", file=sys.stderr, leave=False)
-    rows = []
-
-    def record(scenario, kind, runner, names, mm=None):
-        progress.set_postfix_str(scenario)
-        prefill_s, step_s = time_runner(runner, ids, mask, args.new_tokens, args.repeats, args.device, progress)
-        row = dict(scenario=scenario, kind=kind, adapters=len(set(names)) if names else 0,
-                   prefill_s=prefill_s, decode_step_s=step_s, decode_step_ms=step_s * 1e3,
-                   prefill_tokens_per_s=args.batch_size * args.prompt_len / prefill_s,
-                   decode_tokens_per_s=args.batch_size / step_s)
-        if mm is not None and names:
-            row["adapter_bytes_per_step"] = adapter_bytes_per_step(mm, names)
-            row["floor_ms"] = row["adapter_bytes_per_step"] / bandwidth * 1e3
-        rows.append(row)
-
-    record("base model (no adapters)", "base", BatchRunner(model), [])
-    max_rank = max_rank_of(paths)
-    mm = lora_ext.patch_model(model, max_adapters=n, max_rank=max_rank)
+    base_model = build_model(args, dtype)  # an unpatched copy: the ceiling
+    mm = lora_ext.patch_model(model, max_adapters=n, max_rank=max_rank_of(paths))
     for name, path in paths.items():
         mm.load_adapter(name, path)
-    for scenario, names in groups:
-        per_row = row_names(names, args.batch_size)
-        record(scenario, "lora_ext", BatchRunner(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw)), per_row, mm)
-    split_names = row_names(main_names[:n], args.batch_size)
-    split = SplitRunner([(torch.tensor([i for i, x in enumerate(split_names) if x == name], device=args.device),
-                          BatchRunner(lambda _n=name, _k=split_names.count(name), **kw: mm(adapter_names=[_n] * _k, **kw)))
-                         for name in dict.fromkeys(split_names)])
-    record(f"adapter by adapter ({n} passes)", "split", split, split_names, mm)
+    scenarios = build_scenarios(args, base_model, mm, groups, main_names[:n], paths, peft_wanted)
+
+    progress = tqdm(total=(args.repeats + 1) * (len(scenarios) + 2), desc="rounds", file=sys.stderr, leave=False)
+    times = time_interleaved({k: v[1] for k, v in scenarios.items()}, ids, mask, args.new_tokens, args.repeats,
+                             args.device, progress)
+    # Merged weights change the model, so that scenario runs in rounds of its own, against the base.
     mm.merge_adapter(main_names[0])
-    record("1 adapter merged into the base", "merged", BatchRunner(lambda **kw: mm(**kw)), [])
+    merged = "1 adapter merged into the base"
+    times.update(time_interleaved({merged: BatchRunner(lambda **kw: mm(**kw)),
+                                   "base (merged rounds)": BatchRunner(base_model)},
+                                  ids, mask, args.new_tokens, args.repeats, args.device, progress))
     mm.unmerge_adapter()
-    if peft_wanted:
-        try:
-            peft = peft_model(build_model(args, dtype), {m: paths[m] for m in main_names[:n]})  # an unpatched copy
-            record(f"PEFT mixed batch, {n} adapters", "peft",
-                   BatchRunner(lambda _n=split_names, **kw: peft(adapter_names=_n, **kw)), split_names, mm)
-        except ImportError:
-            pass
     progress.close()
-    base_step = rows[0]["decode_step_s"]
-    for row in rows[1:]:
-        row["overhead_ms"] = (row["decode_step_s"] - base_step) * 1e3
-        if row.get("floor_ms"):
-            row["overhead_over_floor"] = row["overhead_ms"] / row["floor_ms"]
+    scenarios[merged] = ("merged", None, [])
+    rows = [scenario_row(name, kind, names, times[name], times[base_key(kind)], mm, bandwidth, args)
+            for name, (kind, _, names) in scenarios.items()]
     summary = summarize(rows, n)
     result = dict(setup=machine_info(args.device), args=vars(args), model=args.model or DEFAULT_MODEL_CONFIG,
                   bandwidth_bytes_per_s=bandwidth, correctness=correctness, rows=rows, summary=summary)
@@ -210,6 +186,43 @@ def run(args):
               file=sys.stderr)
         return 1
     return 0
+
+
+def build_scenarios(args, base_model, mm, groups, names, paths, peft_wanted):
+    """{scenario: (kind, runner, adapter name of each row)} for everything timed in shared rounds."""
+    scenarios = {"base model (no adapters)": ("base", BatchRunner(base_model), [])}
+    for scenario, group in groups:
+        per_row = row_names(group, args.batch_size)
+        scenarios[scenario] = ("lora_ext", BatchRunner(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw)), per_row)
+    per_row = row_names(names, args.batch_size)
+    split = SplitRunner([(torch.tensor([i for i, x in enumerate(per_row) if x == name], device=args.device),
+                          BatchRunner(lambda _n=name, _k=per_row.count(name), **kw: mm(adapter_names=[_n] * _k, **kw)))
+                         for name in dict.fromkeys(per_row)])
+    scenarios[f"adapter by adapter ({len(names)} passes)"] = ("split", split, per_row)
+    if peft_wanted:
+        peft = peft_model(build_model(args, base_model.dtype), {m: paths[m] for m in names})  # an unpatched copy
+        scenarios[f"PEFT mixed batch, {len(names)} adapters"] = (
+            "peft", BatchRunner(lambda _n=per_row, **kw: peft(adapter_names=_n, **kw)), per_row)
+    return scenarios
+
+
+def base_key(kind):
+    return "base (merged rounds)" if kind == "merged" else "base model (no adapters)"
+
+
+def scenario_row(name, kind, names, t, base, mm, bandwidth, args):
+    """Medians over rounds; the overhead is the median of per-round differences with the base."""
+    prefill_s, step_s = statistics.median(t["prefill"]), statistics.median(t["steps"])
+    row = dict(scenario=name, kind=kind, adapters=len(set(names)), prefill_s=prefill_s, decode_step_s=step_s,
+               decode_step_ms=step_s * 1e3, prefill_tokens_per_s=args.batch_size * args.prompt_len / prefill_s,
+               decode_tokens_per_s=args.batch_size / step_s, step_ms_per_round=[x * 1e3 for x in t["step"]])
+    if kind != "base":
+        row["overhead_ms"] = statistics.median(a - b for a, b in zip(t["step"], base["step"])) * 1e3
+    if names:
+        row["adapter_bytes_per_step"] = adapter_bytes_per_step(mm, names)
+        row["floor_ms"] = row["adapter_bytes_per_step"] / bandwidth * 1e3
+        row["overhead_over_floor"] = row["overhead_ms"] / row["floor_ms"]
+    return row
 
 
 def summarize(rows, n):

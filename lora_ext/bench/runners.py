@@ -45,23 +45,39 @@ class SplitRunner:
         return [runner.step(state) for (_, runner), state in zip(self.groups, states)]
 
 
-def time_runner(runner, ids, mask, new_tokens, repeats, device, progress=None):
-    """(median prefill seconds, median decode seconds per step)."""
-    prefill, steps = [], []
+def run_round(runner, ids, mask, new_tokens, device):
+    """One prefill and `new_tokens` decode steps: (prefill seconds, [seconds of each step])."""
     with torch.no_grad():
-        for _ in range(repeats + 1):  # the first round warms up and is not counted
-            _sync(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        state = runner.prefill(ids, mask)
+        _sync(device)
+        prefill = time.perf_counter() - t0
+        steps = []
+        for _ in range(new_tokens):
             t0 = time.perf_counter()
-            state = runner.prefill(ids, mask)
+            state = runner.step(state)
             _sync(device)
-            prefill.append(time.perf_counter() - t0)
-            round_steps = []
-            for _ in range(new_tokens):
-                t0 = time.perf_counter()
-                state = runner.step(state)
-                _sync(device)
-                round_steps.append(time.perf_counter() - t0)
-            steps.append(round_steps)
+            steps.append(time.perf_counter() - t0)
+    return prefill, steps
+
+
+def time_interleaved(runners, ids, mask, new_tokens, repeats, device, progress=None):
+    """Times every runner in each of `repeats` rounds (after one warm-up round), interleaved so that
+    drift in the machine's speed hits all of them alike.
+
+    Returns {name: {"prefill": [per round], "step": [median step per round], "steps": [all steps]}}.
+    """
+    times = {name: {"prefill": [], "step": [], "steps": []} for name in runners}
+    for round_index in range(repeats + 1):
+        for name, runner in runners.items():
+            if progress is not None:
+                progress.set_postfix_str(name)
+            prefill, steps = run_round(runner, ids, mask, new_tokens, device)
+            if round_index > 0:
+                times[name]["prefill"].append(prefill)
+                times[name]["step"].append(statistics.median(steps))
+                times[name]["steps"].extend(steps)
             if progress is not None:
                 progress.update(1)
-    return statistics.median(prefill[1:]), statistics.median(s for r in steps[1:] for s in r)
+    return times

@@ -1,0 +1,31 @@
+"""`lora-ext bench` end to end on small settings: outputs written, tokens checked against PEFT,
+a mismatch makes it exit non-zero."""
+
+import json
+
+import pytest
+
+from lora_ext.bench import main as bench
+from lora_ext.cli import main as cli_main
+
+SMALL = ["--num-adapters", "4", "--batch-size", "4", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1"]
+
+
+def test_bench_writes_table_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("peft")
+    assert cli_main(["bench", *SMALL, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["correctness"]["ok"] and result["correctness"]["rows_matching"] == 4
+    kinds = {row["kind"] for row in result["rows"]}
+    assert kinds == {"base", "lora_ext", "split", "merged", "peft"}
+    assert all(row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 for row in result["rows"])
+    assert result["setup"]["build"]["native"] and result["bandwidth_bytes_per_s"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "over/floor" in (tmp_path / "bench.txt").read_text()
+
+
+def test_token_mismatch_exits_non_zero(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "check_tokens", lambda *a: dict(checked=True, rows=4, rows_matching=3,
+                                                               mismatched_rows=[2], ok=False))
+    pytest.importorskip("peft")
+    assert bench.main([*SMALL, "--out", str(tmp_path)]) == 1
