@@ -37,6 +37,10 @@ def write_json(path, result):
         json.dump(result, f, indent=1, default=str)
 
 
+# base: grey; lora_ext's own scenarios: blue; the ways others serve the same batch: red.
+KIND_COLORS = {"base": "#777777", "lora_ext": "#3b75af", "merged": "#7fa7cf"}
+
+
 def write_plot(path, rows, title):
     import matplotlib
 
@@ -48,8 +52,7 @@ def write_plot(path, rows, title):
     for ax, key, label in ((axes[0], "prefill_tokens_per_s", "prefill tokens/s"),
                            (axes[1], "decode_tokens_per_s", "decode tokens/s")):
         values = [r[key] for r in rows]
-        bars = ax.barh(names, values, color=["#777777" if r["kind"] == "base" else "#3b75af" if r["kind"] == "lora_ext"
-                                             else "#c44e52" for r in rows])
+        bars = ax.barh(names, values, color=[KIND_COLORS.get(r["kind"], "#c44e52") for r in rows])
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_xlabel(label)
         ax.invert_yaxis()
