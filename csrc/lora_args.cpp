@@ -91,6 +91,15 @@ LoraSizes check_lora_args(const char* op, const at::Tensor& x, const at::Tensor&
   return s;
 }
 
+void check_plan_args(const at::Tensor& slot_ids, int64_t num_slots) {
+  LORA_CHECK(slot_ids.dim() == 1, "build_plan: slot_ids must be 1-D (T,), but has shape ", slot_ids.sizes());
+  LORA_CHECK(is_index_type(slot_ids.scalar_type()), "build_plan: slot_ids must be int32 or int64, but is ",
+             slot_ids.scalar_type());
+  LORA_CHECK(num_slots >= 1, "build_plan: num_slots must be at least 1, but is ", num_slots);
+  LORA_CHECK(slot_ids.size(0) < (int64_t{1} << 30) && num_slots < (int64_t{1} << 28), "build_plan: ",
+             slot_ids.size(0), " rows and ", num_slots, " slots exceed the 32-bit plan (at most 2^30 rows and 2^28 slots)");
+}
+
 void check_out(const at::Tensor& out, const at::Tensor& x, const LoraSizes& s) {
   LORA_CHECK(out.dim() == 2 && out.size(0) == s.rows && out.size(1) == s.d_out,
              "add_lora_: out must have shape (T, d_out) = (", s.rows, ", ", s.d_out,

@@ -23,6 +23,9 @@ LoraSizes check_lora_args(const char* op, const at::Tensor& x, const at::Tensor&
                           const c10::optional<at::Tensor>& ranks,
                           const c10::optional<at::Tensor>& plan);
 
+// build_plan's arguments: 1-D int32/int64 slot ids, at least one slot, sizes the plan can index.
+void check_plan_args(const at::Tensor& slot_ids, int64_t num_slots);
+
 // add_lora_'s output: (T, d_out), same dtype and device as x.
 void check_out(const at::Tensor& out, const at::Tensor& x, const LoraSizes& sizes);
 

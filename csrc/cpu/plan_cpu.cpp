@@ -9,11 +9,7 @@
 namespace lora_ext {
 
 at::Tensor build_plan_cpu(const at::Tensor& slot_ids, int64_t num_slots) {
-  LORA_CHECK(slot_ids.dim() == 1, "build_plan: slot_ids must be 1-D (T,), but has shape ",
-             slot_ids.sizes());
-  LORA_CHECK(slot_ids.scalar_type() == at::kInt || slot_ids.scalar_type() == at::kLong,
-             "build_plan: slot_ids must be int32 or int64, but is ", slot_ids.scalar_type());
-  LORA_CHECK(num_slots >= 1, "build_plan: num_slots must be at least 1, but is ", num_slots);
+  check_plan_args(slot_ids, num_slots);
   const int64_t rows = slot_ids.size(0);
   PlanLayout layout{rows, num_slots};
   at::Tensor plan = at::zeros({layout.size()}, slot_ids.options().dtype(at::kInt));

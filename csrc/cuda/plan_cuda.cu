@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "lora_args.h"
 #include "plan.h"
 
 namespace lora_ext {
@@ -122,14 +123,7 @@ build_plan_kernel(const void* ids, bool ids_int64, int64_t ids_stride, int rows,
 }  // namespace
 
 at::Tensor build_plan_cuda(const at::Tensor& slot_ids, int64_t num_slots) {
-  LORA_CHECK(slot_ids.dim() == 1, "build_plan: slot_ids must be 1-D (T,), but has shape ",
-             slot_ids.sizes());
-  LORA_CHECK(slot_ids.scalar_type() == at::kInt || slot_ids.scalar_type() == at::kLong,
-             "build_plan: slot_ids must be int32 or int64, but is ", slot_ids.scalar_type());
-  LORA_CHECK(num_slots >= 1, "build_plan: num_slots must be at least 1, but is ", num_slots);
-  LORA_CHECK(slot_ids.size(0) < (int64_t{1} << 30) && num_slots < (int64_t{1} << 28),
-             "build_plan: ", slot_ids.size(0), " rows and ", num_slots,
-             " slots exceed the 32-bit plan (at most 2^30 rows and 2^28 slots)");
+  check_plan_args(slot_ids, num_slots);
   const c10::cuda::CUDAGuard guard(slot_ids.device());
   const PlanLayout layout{slot_ids.size(0), num_slots};
   at::Tensor plan = at::empty({layout.size()}, slot_ids.options().dtype(at::kInt));
