@@ -51,10 +51,12 @@ def test_matches_reference_cpu(dtype, rows, d_in, d_out, distribution):
     run_both_ops(inputs, dtype, f"T={rows} {d_in}->{d_out} {distribution}")
 
 
-# CPU kernel configurations: the AVX-512 item kernel (default where the CPU has it), the
-# portable one, and the GEMM path for every slot or for none.
+# CPU kernel configurations: the AVX-512 item kernel (default where the CPU has it; its bfloat16
+# shrink uses AVX512-BF16 dot products where present), the same without those dot products, the
+# portable kernel, and the GEMM path for every slot or for none.
 CPU_CONFIGS = {
     "default": {},
+    "no_dpbf16": {"LORA_EXT_CPU_NO_DPBF16": "1"},
     "portable": {"LORA_EXT_CPU_ISA": "portable"},
     "gemm_always": {"LORA_EXT_CPU_GEMM_MIN_ROWS": "1"},
     "gemm_never": {"LORA_EXT_CPU_GEMM_MIN_ROWS": "1000000000"},
@@ -63,7 +65,7 @@ CPU_CONFIGS = {
 
 @pytest.fixture(params=list(CPU_CONFIGS))
 def cpu_config(request, monkeypatch):
-    for name in ("LORA_EXT_CPU_ISA", "LORA_EXT_CPU_GEMM_MIN_ROWS"):
+    for name in ("LORA_EXT_CPU_ISA", "LORA_EXT_CPU_GEMM_MIN_ROWS", "LORA_EXT_CPU_NO_DPBF16"):
         monkeypatch.delenv(name, raising=False)
     for name, value in CPU_CONFIGS[request.param].items():
         monkeypatch.setenv(name, value)
