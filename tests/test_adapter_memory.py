@@ -276,8 +276,9 @@ def test_unload_frees_everything_and_refuses_unknown(adapters):
     assert mm.adapters() == [] and mm.stats()["host_cache_bytes"] == 0 and mm.stats()["resident"] == 0
     with pytest.raises(ValueError, match="unknown adapter 'a0'"):
         mm.unload_adapter("a0")
+    mm.load_adapter("a1", adapters["a1"])
     with pytest.raises(ValueError, match="already loaded"):
-        mm.load_adapter("a1", adapters["a1"]) or mm.load_adapter("a1", adapters["a1"])
+        mm.load_adapter("a1", adapters["a1"])
 
 
 def test_eviction_never_touches_a_slot_a_running_batch_uses(adapters):
