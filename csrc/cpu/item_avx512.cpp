@@ -195,34 +195,26 @@ bool cpu_has_avx512_bf16() {
 template <typename T>
 using ShrinkBlock = void (*)(const ItemArgs&, const float*, int64_t, int64_t, float*);
 
-template <typename T, int NR, bool kDot>
-ShrinkBlock<T> shrink_block_for_rows(int64_t rows) {
-  if constexpr (kDot) {
-    {
-      switch (rows) {
-        case 1: return &shrink_block_dpbf16<NR, 1>;
-        case 2: return &shrink_block_dpbf16<NR, 2>;
-        case 3: return &shrink_block_dpbf16<NR, 3>;
-        default: return &shrink_block_dpbf16<NR, 4>;
-      }
-    }
-  }
-  switch (rows) {
-    case 1: return &shrink_block<T, NR, 1>;
-    case 2: return &shrink_block<T, NR, 2>;
-    case 3: return &shrink_block<T, NR, 3>;
-    default: return &shrink_block<T, NR, 4>;
+// Calls pick(std::integral_constant<int, N>{}) with N = count clamped to 1..4: picks the template
+// instantiation of a block kernel for a run-time number of rows or ranks.
+template <typename Pick>
+auto by_count(int64_t count, Pick pick) {
+  switch (count) {
+    case 1: return pick(std::integral_constant<int, 1>{});
+    case 2: return pick(std::integral_constant<int, 2>{});
+    case 3: return pick(std::integral_constant<int, 3>{});
+    default: return pick(std::integral_constant<int, 4>{});
   }
 }
 
 template <typename T, bool kDot>
 ShrinkBlock<T> shrink_block_for(int64_t ranks, int64_t rows) {
-  switch (ranks) {
-    case 1: return shrink_block_for_rows<T, 1, kDot>(rows);
-    case 2: return shrink_block_for_rows<T, 2, kDot>(rows);
-    case 3: return shrink_block_for_rows<T, 3, kDot>(rows);
-    default: return shrink_block_for_rows<T, 4, kDot>(rows);
-  }
+  return by_count(ranks, [rows](auto nr) {
+    return by_count(rows, [](auto nt) -> ShrinkBlock<T> {
+      if constexpr (kDot) return &shrink_block_dpbf16<decltype(nr)::value, decltype(nt)::value>;
+      else return &shrink_block<T, decltype(nr)::value, decltype(nt)::value>;
+    });
+  });
 }
 
 // out[row t0 + i, n0 : n0 + 16 * NV] (+)= acc[i]
@@ -361,20 +353,10 @@ using ExpandBlock = void (*)(const ItemArgs&, const float*, int64_t, int64_t);
 
 template <typename T>
 ExpandBlock expand_block_for(bool rank_major, int64_t rows) {
-  if (rank_major) {
-    switch (rows) {
-      case 1: return &expand_rank_major<T, 1>;
-      case 2: return &expand_rank_major<T, 2>;
-      case 3: return &expand_rank_major<T, 3>;
-      default: return &expand_rank_major<T, 4>;
-    }
-  }
-  switch (rows) {
-    case 1: return &expand_peft_block<T, 1>;
-    case 2: return &expand_peft_block<T, 2>;
-    case 3: return &expand_peft_block<T, 3>;
-    default: return &expand_peft_block<T, 4>;
-  }
+  return by_count(rows, [rank_major](auto nt) -> ExpandBlock {
+    if (rank_major) return &expand_rank_major<T, decltype(nt)::value>;
+    return &expand_peft_block<T, decltype(nt)::value>;
+  });
 }
 
 // Asks for this task's share of the item's B (in proportion to its ranks) while the shrink
