@@ -8,7 +8,7 @@ Rows of lora_a and columns of lora_b at or beyond a slot's rank are never read.
 
 import torch
 
-from lora_ext.validation import check_op_args
+from lora_ext.validation import check_op_args, check_slot_ids
 
 
 def lora_delta_ref(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, *,
@@ -52,11 +52,7 @@ def build_plan_ref(slot_ids, num_slots):
     if num_slots < 1:
         raise ValueError(f"lora_ext: build_plan: num_slots must be at least 1, but is {num_slots}")
     ids = slot_ids.to(torch.long).cpu()
-    bad = ((ids < -1) | (ids >= num_slots)).nonzero()
-    if bad.numel():
-        row = int(bad[0, 0])
-        raise ValueError(f"lora_ext: build_plan: slot_ids[{row}] = {int(ids[row])} is out of range: slot ids "
-                         f"must be -1 (no adapter) or in [0, {num_slots - 1}] for {num_slots} slots")
+    check_slot_ids("build_plan", ids, num_slots)
     bins = torch.where(ids == -1, torch.full_like(ids, num_slots), ids)
     counts = torch.bincount(bins, minlength=num_slots + 2)
 

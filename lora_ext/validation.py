@@ -62,13 +62,18 @@ def check_op_args(op, x, lora_a, lora_b, slot_ids, scales=None, ranks=None, out=
         _check_values(op, slot_ids, ranks, slots, max_rank)
 
 
-def _check_values(op, slot_ids, ranks, slots, max_rank):
+def check_slot_ids(op, slot_ids, slots):
+    """Raises ValueError naming the first slot id outside [-1, slots)."""
     ids = slot_ids.to(torch.long)
     bad = ((ids < -1) | (ids >= slots)).nonzero()
     if bad.numel():
         row = int(bad[0, 0])
         raise ValueError(f"lora_ext: {op}: slot_ids[{row}] = {int(ids[row])} is out of range: slot ids must "
                          f"be -1 (no adapter) or in [0, {slots - 1}] for {slots} slots")
+
+
+def _check_values(op, slot_ids, ranks, slots, max_rank):
+    check_slot_ids(op, slot_ids, slots)
     if ranks is not None:
         rk = ranks.to(torch.long)
         bad = ((rk < 0) | (rk > max_rank)).nonzero()

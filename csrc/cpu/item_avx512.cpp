@@ -83,6 +83,26 @@ inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
 }
 
+// Pointers to the rows t0 .. t0 + NT - 1 of x, in x's own element type E.
+template <typename E, int NT>
+void row_pointers(const ItemArgs& p, int64_t t0, const E* (&x_rows)[NT]) {
+#pragma GCC unroll 4
+  for (int i = 0; i < NT; ++i) x_rows[i] = static_cast<const E*>(p.x) + p.rows[t0 + i] * p.x_row_stride;
+}
+
+// u[t0 + i, r0 + j] = scale * (sum of the lanes of every accumulator set), for j < NR, i < NT.
+template <int kSets, int NR, int NT>
+void store_shrink_sums(const ItemArgs& p, const __m512 (&acc)[kSets][NR][NT], int64_t r0, int64_t t0, float* u) {
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j) {
+#pragma GCC unroll 4
+    for (int i = 0; i < NT; ++i) {
+      const __m512 sum = kSets == 2 ? _mm512_add_ps(acc[0][j][i], acc[kSets - 1][j][i]) : acc[0][j][i];
+      u[(t0 + i) * p.rank + r0 + j] = p.scale * _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
 // u[t0 + i, r0 + j] = scale * <A[r0 + j], x[rows[t0 + i]]> for j < NR, i < NT, reading x in its
 // own dtype. With few rows the k loop keeps two sets of accumulators, so enough FMA chains run at
 // once to hide their latency.
@@ -92,15 +112,8 @@ void shrink_block(const ItemArgs& p, const float* /*xs: unused, x is read direct
   constexpr int kSets = NR * NT < 8 ? 2 : 1;
   const T* a = static_cast<const T*>(p.a) + r0 * p.a_rank_stride;
   const T* x_rows[NT];
-#pragma GCC unroll 4
-  for (int i = 0; i < NT; ++i) x_rows[i] = static_cast<const T*>(p.x) + p.rows[t0 + i] * p.x_row_stride;
-  __m512 acc[kSets][NR][NT];
-#pragma GCC unroll 4
-  for (int s = 0; s < kSets; ++s)
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 4
-      for (int i = 0; i < NT; ++i) acc[s][j][i] = _mm512_setzero_ps();
+  row_pointers(p, t0, x_rows);
+  __m512 acc[kSets][NR][NT] = {};
   auto step = [&](int s, int64_t k, __mmask16 m) {
     __m512 xv[NT];
 #pragma GCC unroll 4
@@ -122,14 +135,7 @@ void shrink_block(const ItemArgs& p, const float* /*xs: unused, x is read direct
     for (int s = 0; s < kSets; ++s) step(s, k + 16 * s, all);
   }
   for (; k < p.d_in; k += 16) step(0, k, first_lanes(p.d_in - k));
-#pragma GCC unroll 4
-  for (int j = 0; j < NR; ++j) {
-#pragma GCC unroll 4
-    for (int i = 0; i < NT; ++i) {
-      const __m512 sum = kSets == 2 ? _mm512_add_ps(acc[0][j][i], acc[kSets - 1][j][i]) : acc[0][j][i];
-      u[(t0 + i) * p.rank + r0 + j] = p.scale * _mm512_reduce_add_ps(sum);
-    }
-  }
+  store_shrink_sums(p, acc, r0, t0, u);
 }
 
 // bfloat16 shrink with AVX512-BF16 (chosen at run time where the CPU has it): vdpbf16ps multiplies
@@ -141,15 +147,8 @@ void shrink_block_dpbf16(const ItemArgs& p, const float* /*xs*/, int64_t r0, int
   constexpr int kSets = NR * NT < 8 ? 2 : 1;
   const c10::BFloat16* a = static_cast<const c10::BFloat16*>(p.a) + r0 * p.a_rank_stride;
   const c10::BFloat16* x_rows[NT];
-#pragma GCC unroll 4
-  for (int i = 0; i < NT; ++i) x_rows[i] = static_cast<const c10::BFloat16*>(p.x) + p.rows[t0 + i] * p.x_row_stride;
-  __m512 acc[kSets][NR][NT];
-#pragma GCC unroll 4
-  for (int s = 0; s < kSets; ++s)
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 4
-      for (int i = 0; i < NT; ++i) acc[s][j][i] = _mm512_setzero_ps();
+  row_pointers(p, t0, x_rows);
+  __m512 acc[kSets][NR][NT] = {};
   auto step = [&](int s, int64_t k, __mmask32 m) __attribute__((always_inline)) {
     __m512bh xv[NT];
 #pragma GCC unroll 4
@@ -174,14 +173,7 @@ void shrink_block_dpbf16(const ItemArgs& p, const float* /*xs*/, int64_t r0, int
     const int64_t left = p.d_in - k;
     step(0, k, left >= 32 ? all : static_cast<__mmask32>((1u << left) - 1u));
   }
-#pragma GCC unroll 4
-  for (int j = 0; j < NR; ++j) {
-#pragma GCC unroll 4
-    for (int i = 0; i < NT; ++i) {
-      const __m512 sum = kSets == 2 ? _mm512_add_ps(acc[0][j][i], acc[kSets - 1][j][i]) : acc[0][j][i];
-      u[(t0 + i) * p.rank + r0 + j] = p.scale * _mm512_reduce_add_ps(sum);
-    }
-  }
+  store_shrink_sums(p, acc, r0, t0, u);
 }
 
 bool cpu_has_avx512_bf16() {

@@ -17,6 +17,7 @@ import time
 import torch
 
 import lora_ext
+from lora_ext.adapters.peft_format import read_config
 from lora_ext.bench import report
 from lora_ext.bench.measure import machine_info, measure_bandwidth
 from lora_ext.bench.runners import BatchRunner, SplitRunner, time_interleaved
@@ -108,7 +109,13 @@ def check_tokens(args, paths, names, ids, mask):
 
 
 def max_rank_of(paths):
-    return max(w.rank for path in paths.values() for w in lora_ext.read_peft_adapter("x", path).modules.values())
+    """The largest rank any adapter's config gives a module (r or rank_pattern); loading then checks
+    that the weights agree, so the weights need not be read here."""
+    ranks = []
+    for name, path in paths.items():
+        config = read_config(name, path)
+        ranks += [config["r"], *(config.get("rank_pattern") or {}).values()]
+    return max(ranks)
 
 
 def run(args):
