@@ -269,6 +269,28 @@ def test_prefetch_makes_adapters_resident(adapters):
     assert mm.stats()["hits"] == hits + 2
 
 
+def test_prefetch_refuses_unknown_names(adapters):
+    mm = lora_ext.patch_model(TinyNet(), max_adapters=2, max_rank=8)
+    mm.load_adapter("a0", adapters["a0"])
+    before = snapshot(mm)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zz'\]; loaded: \['a0'\]"):
+        mm.prefetch(["a0", "zz"])
+    assert snapshot(mm) == before
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(max_adapters=0), "max_adapters must be a positive integer, not 0"),
+    (dict(max_rank=2.5), "max_rank must be a positive integer, not 2.5"),
+    (dict(target_modules=[]), "target_modules must be 'all-linear'"),
+    (dict(target_modules=["nothing_here"]), r"target_modules=\['nothing_here'\] matches no module of TinyNet"),
+])
+def test_patch_model_refuses_bad_arguments(kwargs, pattern):
+    model = TinyNet()
+    with pytest.raises(ValueError, match=pattern):
+        lora_ext.patch_model(model, **kwargs)
+    assert not any(type(m).__name__ == "LoraLayer" for m in model.modules())
+
+
 def test_unload_frees_everything_and_refuses_unknown(adapters):
     mm = lora_ext.patch_model(TinyNet(), max_adapters=2, max_rank=8)
     mm.load_adapter("a0", adapters["a0"])

@@ -29,3 +29,11 @@ def test_token_mismatch_exits_non_zero(tmp_path, monkeypatch):
                                                                mismatched_rows=[2], ok=False))
     pytest.importorskip("peft")
     assert bench.main([*SMALL, "--out", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--new-tokens", "--num-adapters"])
+def test_bench_refuses_non_positive_sizes(flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main([flag, "0"])
+    assert info.value.code == 2
+    assert f"{flag} must be at least 1" in capsys.readouterr().err

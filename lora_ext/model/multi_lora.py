@@ -176,6 +176,10 @@ class MultiLoraModel:
         """Brings adapters into device slots ahead of the batches that will name them."""
         self._check_patched()
         names = list(dict.fromkeys(n for n in names if n not in (None, BASE)))
+        with self._lock:
+            unknown = sorted(n for n in names if n not in self._registry)
+        if unknown:
+            raise ValueError(f"lora_ext: unknown adapter(s) {unknown}; loaded: {sorted(self._registry)}")
         slots = self._acquire(names)
         self._release(slots)
 
