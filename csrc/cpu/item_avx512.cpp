@@ -355,6 +355,7 @@ ExpandBlock expand_block_for(bool rank_major, int64_t rows) {
 // computes, so the expand that follows finds B in cache instead of waiting on DRAM.
 template <typename T>
 void prefetch_share_of_b(const ItemArgs& p, int64_t rank_begin, int64_t rank_end) {
+  if (!p.prefetch_b) return;
   const bool rank_major = p.b_out_stride == 1;
   const int64_t bytes = (rank_major ? p.rank * p.b_rank_stride : p.d_out * p.b_out_stride) *
                         static_cast<int64_t>(sizeof(T));

@@ -25,6 +25,9 @@ struct ItemArgs {
   int64_t d_in, d_out, rank;
   float scale;
   bool accumulate;
+  // The shrink asks for (its share of) B ahead of the expand: worth it when an item is split
+  // over threads, not when whole items run back to back (lora_cpu.cpp).
+  bool prefetch_b = true;
 };
 
 // The three steps of an item, each over a part of it so that several threads can share one
