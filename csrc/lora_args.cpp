@@ -110,6 +110,23 @@ void check_out(const at::Tensor& out, const at::Tensor& x, const LoraSizes& s) {
              x.device(), "; all arguments must be on the same device");
 }
 
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       const LoraSizes& s) {
+  const char* op = "linear_lora";
+  LORA_CHECK(weight.dim() == 2 && weight.size(0) == s.d_out && weight.size(1) == s.d_in, op,
+             ": weight must have shape (d_out, d_in) = (", s.d_out, ", ", s.d_in, ") to match x and lora_b, but has shape ",
+             weight.sizes());
+  LORA_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight has dtype ", weight.scalar_type(),
+             " but x has dtype ", x.scalar_type(), "; they must match");
+  check_same_device(op, "weight", weight, x);
+  if (!bias.has_value()) return;
+  LORA_CHECK(bias->dim() == 1 && bias->size(0) == s.d_out, op, ": bias must have shape (d_out,) = (", s.d_out,
+             ",), but has shape ", bias->sizes());
+  LORA_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias has dtype ", bias->scalar_type(),
+             " but x has dtype ", x.scalar_type(), "; they must match");
+  check_same_device(op, "bias", *bias, x);
+}
+
 // Reads values[i] (int32 or int64, any stride) as int64.
 int64_t index_at(const at::Tensor& t, int64_t i) {
   return t.scalar_type() == at::kInt ? t.data_ptr<int32_t>()[i * t.stride(0)]

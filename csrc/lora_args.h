@@ -29,6 +29,10 @@ void check_plan_args(const at::Tensor& slot_ids, int64_t num_slots);
 // add_lora_'s output: (T, d_out), same dtype and device as x.
 void check_out(const at::Tensor& out, const at::Tensor& x, const LoraSizes& sizes);
 
+// linear_lora's base layer: weight (d_out, d_in) and bias (d_out,), same dtype and device as x.
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       const LoraSizes& sizes);
+
 // ids[i] of an int32 or int64 CPU tensor with any stride, as int64.
 int64_t index_at(const at::Tensor& ids, int64_t i);
 

@@ -26,6 +26,9 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "add_lora_(Tensor(a!) out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor slot_ids, "
       "Tensor? scales=None, Tensor? ranks=None, Tensor? plan=None) -> ()");
+  m.def(
+      "linear_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor slot_ids, "
+      "Tensor? scales=None, Tensor? ranks=None, Tensor? plan=None) -> Tensor");
   m.def("build_info() -> str", &build_info);
 }
 

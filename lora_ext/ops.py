@@ -11,9 +11,9 @@ import torch
 
 from lora_ext import reference
 from lora_ext._native import native_available, native_error
-from lora_ext.validation import check_op_args
+from lora_ext.validation import check_linear_args, check_op_args
 
-__all__ = ["lora_delta", "add_lora_", "build_plan"]
+__all__ = ["lora_delta", "add_lora_", "linear_lora", "build_plan"]
 
 _warned = False
 
@@ -61,6 +61,19 @@ def add_lora_(out, x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=No
     return out
 
 
+def linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
+    """A linear layer and its rows' LoRA deltas: x @ weight.T + bias + lora_delta(x, ...).
+
+    weight: (d_out, d_in) and bias: (d_out,) or None, in x's dtype (nn.Linear's parameters); the
+    other arguments as in lora_delta. On CPU, float32 batches of up to 64 rows (decode) run the
+    base GEMM and the deltas in one parallel region; other cases run ATen's linear, then add_lora_.
+    The result is the same either way, up to float32 rounding of the base GEMM.
+    """
+    if _use_native():
+        return torch.ops.lora_ext.linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan)
+    return reference.linear_lora_ref(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks)
+
+
 def build_plan(slot_ids, num_slots):
     """Groups rows by slot once per forward pass: an int32 tensor every op call can reuse.
 
@@ -83,6 +96,12 @@ if native_available():
     def _add_lora_fake(out, x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
         check_op_args("add_lora_", x, lora_a, lora_b, slot_ids, scales, ranks, out=out, check_values=False)
         return None
+
+    @torch.library.register_fake("lora_ext::linear_lora")
+    def _linear_lora_fake(x, weight, bias, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
+        check_op_args("linear_lora", x, lora_a, lora_b, slot_ids, scales, ranks, check_values=False)
+        check_linear_args(x, weight, bias, lora_b)
+        return x.new_empty((x.shape[0], lora_b.shape[1]))
 
     @torch.library.register_fake("lora_ext::build_plan")
     def _build_plan_fake(slot_ids, num_slots):

@@ -8,7 +8,7 @@ Rows of lora_a and columns of lora_b at or beyond a slot's rank are never read.
 
 import torch
 
-from lora_ext.validation import check_op_args, check_slot_ids
+from lora_ext.validation import check_linear_args, check_op_args, check_slot_ids
 
 
 def lora_delta_ref(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, *,
@@ -36,6 +36,18 @@ def add_lora_ref(out, x, lora_a, lora_b, slot_ids, scales=None, ranks=None):
     check_op_args("add_lora_", x, lora_a, lora_b, slot_ids, scales, ranks, out=out, allow_float64=True)
     delta = lora_delta_ref(x, lora_a, lora_b, slot_ids, scales, ranks, out_dtype=torch.float32)
     out.copy_(out.float() + delta)
+
+
+def linear_lora_ref(x, weight, bias, lora_a, lora_b, slot_ids, scales=None, ranks=None, *,
+                    compute_dtype=torch.float32):
+    """x @ weight.T + bias + lora_delta(x, ...), summed in `compute_dtype` and returned in x's dtype."""
+    check_op_args("linear_lora", x, lora_a, lora_b, slot_ids, scales, ranks, allow_float64=True)
+    check_linear_args(x, weight, bias, lora_b)
+    base = torch.nn.functional.linear(x.to(compute_dtype), weight.to(compute_dtype),
+                                      None if bias is None else bias.to(compute_dtype))
+    delta = lora_delta_ref(x, lora_a, lora_b, slot_ids, scales, ranks, compute_dtype=compute_dtype,
+                           out_dtype=compute_dtype)
+    return (base + delta).to(x.dtype)
 
 
 DECODE_TILE_ROWS = 4    # csrc/plan.h kDecodeTileRows

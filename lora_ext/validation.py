@@ -62,6 +62,24 @@ def check_op_args(op, x, lora_a, lora_b, slot_ids, scales=None, ranks=None, out=
         _check_values(op, slot_ids, ranks, slots, max_rank)
 
 
+def check_linear_args(x, weight, bias, lora_b, allow_float64=False):
+    """linear_lora's base layer: weight (d_out, d_in) and bias (d_out,), x's dtype and device."""
+    op = "linear_lora"
+    d_out, d_in = lora_b.shape[1], x.shape[1]
+    _require(weight.dim() == 2 and tuple(weight.shape) == (d_out, d_in), op,
+             f"weight must have shape (d_out, d_in) = ({d_out}, {d_in}) to match x and lora_b, but has shape "
+             f"{tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _require(t.dtype == x.dtype, op, f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
+        _require(t.device == x.device, op, f"{name} is on {t.device} but x is on {x.device}; "
+                 "all arguments must be on the same device")
+    if bias is not None:
+        _require(tuple(bias.shape) == (d_out,), op, f"bias must have shape (d_out,) = ({d_out},), but has shape "
+                 f"{tuple(bias.shape)}")
+
+
 def check_slot_ids(op, slot_ids, slots):
     """Raises ValueError naming the first slot id outside [-1, slots)."""
     ids = slot_ids.to(torch.long)

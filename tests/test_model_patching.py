@@ -58,6 +58,32 @@ def test_logits_match_peft_float32(arch_adapters, device):
     assert (expected - base).abs().amax() > 0.1, "the adapters must change the output for this test to mean anything"
 
 
+def test_logits_match_peft_float32_on_the_fused_cpu_path(arch_adapters):
+    """6 rows x 5 tokens: few enough rows that Linear layers run base and deltas in one op."""
+    arch, paths = arch_adapters
+    ids, mask = batch("cpu", length=5)
+    with torch.no_grad():
+        expected = peft_model(arch, paths)(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    got = our_model(arch, paths)(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    torch.testing.assert_close(got, expected, **FP32_TOL)
+
+
+def test_hooks_on_a_base_layer_still_run(llama_paths):
+    """A hook on the wrapped nn.Linear must see every call, so that layer is not fused."""
+    mm = our_model("llama", llama_paths)
+    ids, mask = batch("cpu", length=5)
+    plain = mm(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    layer = next(m for m in mm.model.modules() if isinstance(m, lora_ext.model.lora_layer.LoraLayer))
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        hooked = mm(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    finally:
+        handle.remove()
+    assert seen, "the base layer's forward hook did not run"
+    torch.testing.assert_close(hooked, plain, **FP32_TOL)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_logits_bfloat16_within_stated_tolerance(arch_adapters, device):
     """bf16 rule: our bf16 error against PEFT in float32 is at most twice the error of PEFT run in

@@ -10,7 +10,7 @@ import lora_ext
 from helpers import assert_rows_close, make_inputs, reference64
 from lora_ext._native import has_kernel
 
-OPS = ["lora_delta", "add_lora_", "build_plan"]
+OPS = ["lora_delta", "add_lora_", "linear_lora", "build_plan"]
 
 
 def test_native_module_loaded():
@@ -57,6 +57,9 @@ def test_opcheck(device, dtype):
     out = torch.randn(9, 40, device=device, dtype=dtype)
     torch.library.opcheck(torch.ops.lora_ext.add_lora_.default, (out, *ordered, plan))
     torch.library.opcheck(torch.ops.lora_ext.build_plan.default, (inputs["slot_ids"], 3))
+    weight, bias = torch.randn(40, 24, device=device, dtype=dtype), torch.randn(40, device=device, dtype=dtype)
+    torch.library.opcheck(torch.ops.lora_ext.linear_lora.default, (inputs["x"], weight, bias, *ordered[1:], plan))
+    torch.library.opcheck(torch.ops.lora_ext.linear_lora.default, (inputs["x"], weight, None, *ordered[1:], None))
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -71,3 +74,17 @@ def test_torch_compile_fullgraph_cpu():
 
     expected = inputs["x"].double() @ torch.ones(32, 48, dtype=torch.float64) + 2 * reference64(inputs)
     assert_rows_close(layer(**inputs), expected, torch.float32)
+
+
+def test_torch_compile_fullgraph_linear_lora_cpu():
+    inputs = make_inputs(12, 32, 48, 4, 8, torch.float32, "cpu", "with_none")
+    weight = torch.randn(48, 32)
+
+    @torch.compile(fullgraph=True)
+    def layer(x, lora_a, lora_b, slot_ids, scales, ranks):
+        plan = lora_ext.build_plan(slot_ids, lora_a.shape[0])
+        return lora_ext.linear_lora(x, weight, None, lora_a, lora_b, slot_ids, scales, ranks, plan)
+
+    expected = inputs["x"].double() @ weight.double().T + reference64(inputs)
+    assert_rows_close(layer(**inputs), expected, torch.float32,
+                      magnitude=inputs["x"].double().abs() @ weight.double().abs().T)

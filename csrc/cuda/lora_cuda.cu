@@ -188,11 +188,24 @@ void add_lora_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_
   run_lora_cuda(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan, s, /*accumulate=*/true);
 }
 
+// The base GEMM by cuBLAS, then the delta added in place: on the GPU the two are not fused.
+at::Tensor linear_lora_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& slot_ids,
+                            const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& ranks,
+                            const c10::optional<at::Tensor>& plan) {
+  const LoraSizes s = check_lora_args("linear_lora", x, lora_a, lora_b, slot_ids, scales, ranks, plan);
+  check_linear_args(x, weight, bias, s);
+  at::Tensor out = at::linear(x, weight, bias);
+  run_lora_cuda(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan, s, /*accumulate=*/true);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
   m.impl("lora_delta", &lora_delta_cuda);
   m.impl("add_lora_", &add_lora_cuda);
+  m.impl("linear_lora", &linear_lora_cuda);
 }
 
 }  // namespace cuda

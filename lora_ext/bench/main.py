@@ -19,11 +19,13 @@ import torch
 import lora_ext
 from lora_ext.adapters.peft_format import read_config
 from lora_ext.bench import report
+from lora_ext.bench.fused_gemm import fusable_layers, gemm_saving_ms
 from lora_ext.bench.measure import machine_info, measure_bandwidth
 from lora_ext.bench.runners import BatchRunner, SplitRunner, time_interleaved
 from lora_ext.bench.synthetic import DEFAULT_MODEL_CONFIG, build_default_model, load_local_model, make_adapters
 
 MIXED_RANKS = (8, 16, 32, 64)
+NO_FUSION = "LORA_EXT_CPU_NO_FUSED_LINEAR"  # turns off linear_lora's fused CPU path
 
 
 def parse_args(argv):
@@ -175,7 +177,7 @@ def run(args):
     scenarios[merged] = ("merged", None, [])
     rows = [scenario_row(name, kind, names, times[name], times[base_key(kind)], mm, bandwidth, args)
             for name, (kind, _, names) in scenarios.items()]
-    summary = summarize(rows, n)
+    summary = summarize(rows, n, gemm_saving_ms(mm, args.batch_size))
     result = dict(setup=machine_info(args.device), args=vars(args), model=args.model or DEFAULT_MODEL_CONFIG,
                   bandwidth_bytes_per_s=bandwidth, correctness=correctness, rows=rows, summary=summary)
     table = report.format_table(rows)
@@ -201,6 +203,10 @@ def build_scenarios(args, base_model, mm, groups, names, paths, peft_wanted):
     for scenario, group in groups:
         per_row = row_names(group, args.batch_size)
         scenarios[scenario] = ("lora_ext", BatchRunner(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw)), per_row)
+    if fusable_layers(mm) and args.batch_size <= 32:
+        per_row = row_names(names, args.batch_size)
+        scenarios[f"lora_ext {len(names)} adapters, unfused"] = (
+            "lora_ext", BatchRunner(without_fusion(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw))), per_row)
     per_row = row_names(names, args.batch_size)
     split = SplitRunner([(torch.tensor([i for i, x in enumerate(per_row) if x == name], device=args.device),
                           BatchRunner(lambda _n=name, _k=per_row.count(name), **kw: mm(adapter_names=[_n] * _k, **kw)))
@@ -211,6 +217,21 @@ def build_scenarios(args, base_model, mm, groups, names, paths, peft_wanted):
         scenarios[f"PEFT mixed batch, {len(names)} adapters"] = (
             "peft", BatchRunner(lambda _n=per_row, **kw: peft(adapter_names=_n, **kw)), per_row)
     return scenarios
+
+
+def without_fusion(call):
+    """`call` with linear_lora's fused CPU path turned off: ATen's GEMM, then add_lora_."""
+    def run(**kwargs):
+        before = os.environ.get(NO_FUSION)
+        os.environ[NO_FUSION] = "1"
+        try:
+            return call(**kwargs)
+        finally:
+            if before is None:
+                del os.environ[NO_FUSION]
+            else:
+                os.environ[NO_FUSION] = before
+    return run
 
 
 def base_key(kind):
@@ -232,7 +253,9 @@ def scenario_row(name, kind, names, t, base, mm, bandwidth, args):
     return row
 
 
-def summarize(rows, n):
+def summarize(rows, n, gemm_saving=None):
+    """The target figures; gemm_saving: ms per step that lora_ext's fused base GEMMs save against
+    ATen's (None where layers do not fuse), to report the LoRA work alone too."""
     by_name = {r["scenario"]: r for r in rows}
     ours = by_name.get(f"lora_ext {n} adapters") or by_name.get(f"lora_ext {n} adapter")
     peft = next((r for r in rows if r["kind"] == "peft"), None)
@@ -242,6 +265,12 @@ def summarize(rows, n):
         lines.append(f"lora_ext, {n} distinct adapters: decode overhead {ours['overhead_ms']:.2f} ms/step = "
                      f"{ours.get('overhead_over_floor', float('nan')):.2f}x the adapter-streaming floor "
                      f"({ours.get('floor_ms', float('nan')):.2f} ms)")
+    if ours is not None and gemm_saving is not None and ours.get("floor_ms"):
+        work = ours["overhead_ms"] + gemm_saving
+        figures.update(fused_gemm_saving_ms=gemm_saving, lora_work_ms=work, lora_work_over_floor=work / ours["floor_ms"])
+        lines.append(f"  of which lora_ext's fused base GEMMs save {gemm_saving:.2f} ms/step against ATen's (no adapter "
+                     f"rows, same layers): the LoRA work alone costs {work:.2f} ms = {work / ours['floor_ms']:.2f}x "
+                     "the floor")
     if ours is not None and peft is not None and peft["overhead_ms"] > 0:
         figures["overhead_vs_peft"] = ours["overhead_ms"] / peft["overhead_ms"]
         lines.append(f"PEFT mixed batch overhead {peft['overhead_ms']:.2f} ms/step: lora_ext's is "

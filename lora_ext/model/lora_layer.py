@@ -1,6 +1,7 @@
 """A linear layer with device slots for many adapters: base output plus each row's LoRA delta."""
 
 import torch
+from torch.nn.modules import module as nn_module
 
 from lora_ext import ops
 from lora_ext.model.batch import current_batch
@@ -61,12 +62,17 @@ class LoraLayer(torch.nn.Module):
         return delta.T if self.is_conv1d else delta
 
     def forward(self, x, *args, **kwargs):
-        out = self.base_layer(x, *args, **kwargs)
         batch = current_batch(self._owner)
         if batch is None or not batch.any_adapter:
-            return out
+            return self.base_layer(x, *args, **kwargs)
         slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
         rows = x.reshape(-1, self.in_features)
+        if not args and not kwargs and self._base_runs_in_op(rows):
+            base = self.base_layer
+            out = ops.linear_lora(rows, base.weight, base.bias, self.lora_a, self.lora_b, slot_ids, self.scales,
+                                  self.ranks, plan)
+            return out.view(*x.shape[:-1], self.out_features)
+        out = self.base_layer(x, *args, **kwargs)
         if rows.dtype != self.dtype:
             rows = rows.to(self.dtype)
         if out.dtype == self.dtype and out.is_contiguous():
@@ -75,6 +81,14 @@ class LoraLayer(torch.nn.Module):
             return out
         delta = ops.lora_delta(rows, self.lora_a, self.lora_b, slot_ids, self.scales, self.ranks, plan)
         return out + delta.view(out.shape).to(out.dtype)
+
+    def _base_runs_in_op(self, rows):
+        """Whether linear_lora may compute the base layer too: a plain nn.Linear in the adapters'
+        dtype, with no hooks that calling it would have run."""
+        base = self.base_layer
+        return (type(base) is torch.nn.Linear and rows.dtype == self.lora_a.dtype == base.weight.dtype
+                and not (base._forward_hooks or base._forward_pre_hooks or nn_module._global_forward_hooks
+                         or nn_module._global_forward_pre_hooks))
 
     def extra_repr(self):
         slots, rank = self.lora_a.shape[:2]

@@ -1,0 +1,147 @@
+"""linear_lora: the base linear layer and each row's LoRA delta in one op, against the float64
+reference, on the fused CPU path (float32 decode batches) and on the unfused one."""
+
+import pytest
+import torch
+
+import lora_ext
+import lora_ext.reference
+from helpers import DISTRIBUTIONS, assert_rows_close, magnitude64, make_inputs, reference64
+
+FUSED = {"fused": {}, "unfused": {"LORA_EXT_CPU_NO_FUSED_LINEAR": "1"}}
+# Rows around the fused path's limits (32 rows; 64 when d_in <= 4096) and sizes around its tiles
+# (4 rows x 6 columns x 16 along d_in), with d_in above 4096 once.
+ROWS = [0, 1, 5, 32, 33, 64, 65, 200]
+SIZES = [(1, 1), (3, 64), (64, 3), (17, 13), (768, 256), (4097, 64), (64, 4097)]
+
+
+@pytest.fixture(params=list(FUSED))
+def fusion(request, monkeypatch):
+    for name, value in FUSED[request.param].items():
+        monkeypatch.setenv(name, value)
+    return request.param
+
+
+def base_layer(d_in, d_out, with_bias, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(dtype)
+    bias = torch.randn(d_out, generator=g).to(dtype) if with_bias else None
+    return weight, bias
+
+
+def expected_and_magnitude(inputs, weight, bias):
+    """The float64 result and the scale its rounding errors grow with (|x| |W|^T + |bias| + |delta terms|)."""
+    x, w = inputs["x"].cpu().double(), weight.cpu().double()
+    base = x @ w.T + (bias.cpu().double() if bias is not None else 0)
+    magnitude = x.abs() @ w.abs().T + (bias.cpu().double().abs() if bias is not None else 0) + magnitude64(inputs)
+    return base + reference64(inputs), magnitude
+
+
+def check(inputs, weight, bias, dtype, label):
+    expected, magnitude = expected_and_magnitude(inputs, weight, bias)
+    out = lora_ext.linear_lora(inputs["x"], weight, bias, **{k: v for k, v in inputs.items() if k != "x"})
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert_rows_close(out, expected, dtype, what=f"linear_lora {label}", magnitude=magnitude)
+
+
+def cases():
+    for rows in ROWS:
+        for d_in, d_out in SIZES:
+            for distribution in DISTRIBUTIONS:
+                yield pytest.param(rows, d_in, d_out, distribution, id=f"T{rows}-{d_in}x{d_out}-{distribution}")
+
+
+@pytest.mark.parametrize("rows,d_in,d_out,distribution", list(cases()))
+def test_float32_matches_reference(fusion, rows, d_in, d_out, distribution):
+    seed = rows + d_in + d_out
+    inputs = make_inputs(rows, d_in, d_out, 5 if distribution != "distinct" else max(1, min(rows, 64)), 16,
+                         torch.float32, "cpu", distribution, seed=seed, b_layout="rank_major" if seed % 2 else "peft")
+    weight, bias = base_layer(d_in, d_out, seed % 3 != 0, torch.float32, seed)
+    check(inputs, weight, bias, torch.float32, f"{fusion} T={rows} {d_in}->{d_out} {distribution}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 32, 200])
+def test_half_dtypes_match_reference(dtype, rows):
+    inputs = make_inputs(rows, 96, 80, 6, 16, dtype, "cpu", "with_none", seed=rows)
+    weight, bias = base_layer(96, 80, True, dtype, rows)
+    check(inputs, weight, bias, dtype, f"{dtype} T={rows}")
+
+
+@pytest.mark.parametrize("max_rank", [1, 5, 64, 128])
+def test_ranks_up_to_max(fusion, max_rank):
+    inputs = make_inputs(32, 200, 70, 8, max_rank, torch.float32, "cpu", "unsorted", seed=max_rank)
+    weight, bias = base_layer(200, 70, True, torch.float32, max_rank)
+    check(inputs, weight, bias, torch.float32, f"{fusion} R={max_rank}")
+
+
+@pytest.mark.parametrize("layout", ["x_transposed", "weight_transposed", "bias_strided"])
+def test_non_contiguous_arguments(layout):
+    inputs = make_inputs(16, 48, 40, 4, 8, torch.float32, "cpu", "with_none",
+                         x_layout="transposed" if layout == "x_transposed" else "contiguous")
+    weight, bias = base_layer(48, 40, True, torch.float32, 3)
+    if layout == "weight_transposed":
+        weight = weight.T.contiguous().T
+    if layout == "bias_strided":
+        bias = torch.randn(80)[::2]
+    check(inputs, weight, bias, torch.float32, layout)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_every_thread_count_gives_identical_results(threads):
+    """Each output value is computed whole by one thread in a fixed order, whatever the split."""
+    inputs = make_inputs(32, 300, 130, 40, 16, torch.float32, "cpu", "distinct")
+    weight, bias = base_layer(300, 130, True, torch.float32, 0)
+    args = {k: v for k, v in inputs.items() if k != "x"}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = lora_ext.linear_lora(inputs["x"], weight, bias, **args)
+        torch.set_num_threads(threads)
+        assert torch.equal(lora_ext.linear_lora(inputs["x"], weight, bias, **args), single)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fused_and_unfused_paths_agree(monkeypatch):
+    inputs = make_inputs(32, 768, 256, 32, 16, torch.float32, "cpu", "distinct")
+    weight, bias = base_layer(768, 256, False, torch.float32, 1)
+    args = {k: v for k, v in inputs.items() if k != "x"}
+    fused = lora_ext.linear_lora(inputs["x"], weight, bias, **args)
+    monkeypatch.setenv("LORA_EXT_CPU_NO_FUSED_LINEAR", "1")
+    unfused = lora_ext.linear_lora(inputs["x"], weight, bias, **args)
+    _, magnitude = expected_and_magnitude(inputs, weight, bias)
+    assert_rows_close(fused, unfused.double(), torch.float32, magnitude=magnitude)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("weight_shape", r"weight must have shape \(d_out, d_in\) = \(40, 48\) to match x and lora_b, but has shape .48, 40."),
+    ("weight_dtype", r"weight has dtype (torch.float64|Double) but x has dtype (torch.float32|Float)"),
+    ("bias_shape", r"bias must have shape \(d_out,\) = \(40,\), but has shape .39,?."),
+    ("bias_dtype", r"bias has dtype (torch.float16|Half) but x has dtype (torch.float32|Float)"),
+])
+def test_bad_base_arguments_raise_clear_errors(bad, message):
+    inputs = make_inputs(8, 48, 40, 4, 8, torch.float32, "cpu", "unsorted")
+    weight, bias = base_layer(48, 40, True, torch.float32, 0)
+    if bad == "weight_shape":
+        weight = weight.T.contiguous()
+    elif bad == "weight_dtype":
+        weight = weight.double()
+    elif bad == "bias_shape":
+        bias = bias[:39]
+    elif bad == "bias_dtype":
+        bias = bias.half()
+    args = {k: v for k, v in inputs.items() if k != "x"}
+    with pytest.raises(ValueError, match=message):
+        lora_ext.linear_lora(inputs["x"], weight, bias, **args)
+    with pytest.raises(ValueError, match=message):
+        lora_ext.reference.linear_lora_ref(inputs["x"], weight, bias, **args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 32, 300])
+def test_matches_reference_cuda(dtype, rows):
+    inputs = make_inputs(rows, 96, 80, 6, 16, dtype, "cuda", "with_none", seed=rows)
+    weight, bias = base_layer(96, 80, True, dtype, rows)
+    check(inputs, weight.cuda(), bias.cuda(), dtype, f"cuda {dtype} T={rows}")
