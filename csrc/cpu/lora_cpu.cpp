@@ -9,17 +9,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <omp.h>
-
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <string>
 #include <vector>
 
 #include "checks.h"
-#include "cpu/base_gemm.h"
 #include "cpu/item_kernels.h"
+#include "cpu/work.h"
 #include "lora_args.h"
 #include "plan.h"
 
@@ -30,7 +27,6 @@ at::Tensor build_plan_cpu(const at::Tensor& slot_ids, int64_t num_slots);
 namespace cpu {
 namespace {
 
-constexpr int64_t kRowBlock = 16;
 // With at least this many items per thread, items run whole; with fewer, their parts are split.
 constexpr int64_t kWholeItemsPerThread = 4;
 // Slots with at least this many rows take the GEMM path (LORA_EXT_CPU_GEMM_MIN_ROWS overrides).
@@ -41,7 +37,8 @@ int64_t gemm_min_rows() {
   return value != nullptr ? std::atoll(value) : kDefaultGemmMinRows;
 }
 
-// LORA_EXT_CPU_ISA=portable forces the portable kernels (tests cover both that way).
+}  // namespace
+
 bool portable_forced() {
   const char* isa = std::getenv("LORA_EXT_CPU_ISA");
   return isa != nullptr && std::strcmp(isa, "portable") == 0;
@@ -52,28 +49,6 @@ ItemKernels choose_item_kernels(at::ScalarType dtype, const ItemArgs& example) {
   if (!portable_forced() && avx512_item_kernels(dtype, example, &kernels)) return kernels;
   return portable_item_kernels(dtype);
 }
-
-struct WorkItem {
-  int64_t slot;   // -1: rows without an adapter (or of rank 0) that lora_delta must zero
-  int64_t first;  // index into the plan's order
-  int64_t count;
-};
-
-struct Batch {
-  const at::Tensor& x;
-  const at::Tensor& lora_a;
-  const at::Tensor& lora_b;
-  at::Tensor& out;
-  const c10::optional<at::Tensor>& scales;
-  const c10::optional<at::Tensor>& ranks;
-  const LoraSizes& sizes;
-  bool accumulate;
-
-  int64_t rank_of(int64_t slot) const { return ranks ? index_at(*ranks, slot) : sizes.max_rank; }
-  float scale_of(int64_t slot) const {
-    return scales ? scales->data_ptr<float>()[slot * scales->stride(0)] : 1.0f;
-  }
-};
 
 ItemArgs item_args(const Batch& batch, const int32_t* order, const WorkItem& item) {
   const at::Tensor &x = batch.x, &a = batch.lora_a, &b = batch.lora_b, &out = batch.out;
@@ -86,6 +61,8 @@ ItemArgs item_args(const Batch& batch, const int32_t* order, const WorkItem& ite
                   item.slot >= 0 ? batch.rank_of(slot) : 0, item.slot >= 0 ? batch.scale_of(slot) : 0.f,
                   batch.accumulate};
 }
+
+namespace {
 
 void zero_rows(const Batch& batch, const int32_t* order, const WorkItem& item) {
   const at::Tensor& out = batch.out;
@@ -100,7 +77,8 @@ void zero_rows(const Batch& batch, const int32_t* order, const WorkItem& item) {
   }
 }
 
-// out[rows] (+)= scale * (x[rows] @ A[:rank]^T) @ B[:, :rank]^T as two GEMMs.
+}  // namespace
+
 void run_gemm_segment(const Batch& batch, const at::Tensor& plan_order, const WorkItem& seg) {
   const int32_t* order = plan_order.data_ptr<int32_t>() + seg.first;
   const int64_t rank = batch.rank_of(seg.slot);
@@ -123,22 +101,7 @@ void run_gemm_segment(const Batch& batch, const at::Tensor& plan_order, const Wo
   }
 }
 
-// A float buffer reused across calls from the same thread: no allocation, no zero fill, no
-// fresh pages on the hot path.
-class ReusedBuffer {
- public:
-  float* get(int64_t size) {
-    if (size > capacity_) {
-      data_.reset(new float[size]);
-      capacity_ = size;
-    }
-    return data_.get();
-  }
-
- private:
-  std::unique_ptr<float[]> data_;
-  int64_t capacity_ = 0;
-};
+namespace {
 
 // A part of one item: ranks [begin, end) for shrink, or columns [begin, end) for expand.
 struct Task {
@@ -157,6 +120,8 @@ std::vector<Task> split_items(const std::vector<WorkItem>& items, const std::vec
   }
   return tasks;
 }
+
+}  // namespace
 
 // Three parallel phases over parts of items, so the work spreads over every thread even when
 // the batch has fewer items than threads: rows to float32, shrink by rank groups, expand by
@@ -222,11 +187,6 @@ void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkI
   });
 }
 
-// The work of one call: items for the item kernels, segments for the GEMM path.
-struct Work {
-  std::vector<WorkItem> items, gemm_segments;
-};
-
 Work collect_work(const Batch& batch, const int32_t* offsets, const PlanLayout& layout) {
   Work work;
   const int64_t gemm_rows = gemm_min_rows();
@@ -247,10 +207,11 @@ Work collect_work(const Batch& batch, const int32_t* offsets, const PlanLayout& 
   return work;
 }
 
-// The plan of a call: the given one, or one built here.
 at::Tensor plan_for(const at::Tensor& slot_ids, const c10::optional<at::Tensor>& plan_arg, const LoraSizes& sizes) {
   return plan_arg.has_value() ? *plan_arg : build_plan_cpu(slot_ids, sizes.slots);
 }
+
+namespace {
 
 void run_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
                   const at::Tensor& lora_b, const at::Tensor& slot_ids,
@@ -266,99 +227,6 @@ void run_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a
   const Work work = collect_work(batch, plan.data_ptr<int32_t>() + layout.offsets(), layout);
   for (const WorkItem& seg : work.gemm_segments) run_gemm_segment(batch, plan_order, seg);
   if (!work.items.empty()) run_items(batch, plan_order.data_ptr<int32_t>(), work.items);
-}
-
-// ---- linear_lora: the base layer and the delta in one pass ------------------------------------
-
-// Batches of up to 32 rows run fused, and up to 64 rows when d_in <= 4096: there the fused GEMM
-// measured faster than ATen's (0.5-0.9x its time); beyond, ATen's GEMM then add_lora_ is the
-// better plan (benchmarks/NOTES.md).
-bool fused_gemm_shape(int64_t rows, int64_t d_in) { return rows <= 32 || (rows <= 64 && d_in <= 4096); }
-
-// The first item of each thread's share, splitting the items' adapter bytes evenly.
-std::vector<int64_t> split_by_bytes(const std::vector<ItemArgs>& args, int64_t threads) {
-  std::vector<int64_t> prefix(args.size() + 1, 0);
-  for (size_t i = 0; i < args.size(); ++i) {
-    prefix[i + 1] = prefix[i] + args[i].rank * (args[i].d_in + args[i].d_out);
-  }
-  std::vector<int64_t> first(threads + 1, static_cast<int64_t>(args.size()));
-  for (int64_t t = 0, i = 0; t < threads; ++t) {
-    while (prefix[i] * threads < prefix.back() * t) ++i;
-    first[t] = i;
-  }
-  return first;
-}
-
-// One parallel region: each thread computes its columns of x W^T + bias, then, after a barrier
-// (every column of every row is written), adds the deltas of its share of the items.
-void run_fused_linear(const BaseGemmArgs& gemm, const Batch& batch, const int32_t* order,
-                      const std::vector<WorkItem>& items, const ItemKernels& kernels) {
-  const int64_t n = static_cast<int64_t>(items.size());
-  std::vector<ItemArgs> args(n);
-  std::vector<int64_t> u_offset(n + 1, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    args[i] = item_args(batch, order, items[i]);
-    args[i].prefetch_b = false;  // whole items, as in run_items
-    u_offset[i + 1] = u_offset[i] + args[i].count * args[i].rank;
-  }
-  thread_local ReusedBuffer u_buffer;
-  float* u = u_buffer.get(u_offset[n]);
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const std::vector<int64_t> first = split_by_bytes(args, threads);
-    base_gemm_columns(gemm, gemm.n * t / threads, gemm.n * (t + 1) / threads);
-#pragma omp barrier
-    for (int64_t i = first[t]; i < first[t + 1]; ++i) {
-      if (args[i].rank == 0) continue;
-      kernels.shrink(args[i], nullptr, 0, args[i].rank, u + u_offset[i]);
-      kernels.expand(args[i], u + u_offset[i], 0, args[i].d_out);
-    }
-  }
-}
-
-// Whether linear_lora runs fused here: float32, unit strides along rows, decode-sized batches
-// whose slots all take the item path, AVX-512 item kernels that read x directly.
-bool fused_linear_fits(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                       const LoraSizes& sizes, const Work& work, const ItemKernels& kernels) {
-  const bool float32 = x.scalar_type() == at::kFloat;
-  const bool strides = x.stride(1) == 1 && weight.stride(1) == 1 && (!bias || bias->stride(0) == 1);
-  const bool shapes = fused_gemm_shape(sizes.rows, sizes.d_in) && work.gemm_segments.empty();
-  // LORA_EXT_CPU_NO_FUSED_LINEAR=1 turns fusion off (tests compare both paths that way).
-  const bool items_direct = kernels.rows_to_float == nullptr && std::getenv("LORA_EXT_CPU_NO_FUSED_LINEAR") == nullptr;
-  return float32 && strides && shapes && items_direct && cpu_has_avx512() && !portable_forced();
-}
-
-at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                           const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& slot_ids,
-                           const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& ranks,
-                           const c10::optional<at::Tensor>& plan_arg) {
-  const LoraSizes sizes = check_lora_args("linear_lora", x, lora_a, lora_b, slot_ids, scales, ranks, plan_arg);
-  check_linear_args(x, weight, bias, sizes);
-  check_slot_and_rank_values(slot_ids, ranks, sizes);
-  at::Tensor out = at::empty({sizes.rows, sizes.d_out}, x.options());
-  if (sizes.rows == 0) return out;
-  const at::Tensor plan = plan_for(slot_ids, plan_arg, sizes);
-  const PlanLayout layout{sizes.rows, sizes.slots};
-  const int32_t* order = plan.data_ptr<int32_t>() + layout.order();
-  const Batch batch{x, lora_a, lora_b, out, scales, ranks, sizes, /*accumulate=*/true};
-  const Work work = collect_work(batch, plan.data_ptr<int32_t>() + layout.offsets(), layout);
-  const ItemKernels kernels = work.items.empty() ? ItemKernels{} : choose_item_kernels(x.scalar_type(),
-                                                                                     item_args(batch, order, work.items[0]));
-  if (!fused_linear_fits(x, weight, bias, sizes, work, kernels)) {
-    out = at::linear(x, weight, bias);
-    const Batch unfused{x, lora_a, lora_b, out, scales, ranks, sizes, /*accumulate=*/true};
-    for (const WorkItem& seg : work.gemm_segments) {
-      run_gemm_segment(unfused, plan.narrow(0, layout.order(), sizes.rows), seg);
-    }
-    if (!work.items.empty()) run_items(unfused, order, work.items);
-    return out;
-  }
-  const BaseGemmArgs gemm{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), weight.stride(0),
-                          bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), out.stride(0),
-                          sizes.rows, sizes.d_out, sizes.d_in};
-  run_fused_linear(gemm, batch, order, work.items, kernels);
-  return out;
 }
 
 at::Tensor lora_delta_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -385,7 +253,6 @@ void add_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("lora_delta", &lora_delta_cpu);
   m.impl("add_lora_", &add_lora_cpu);
-  m.impl("linear_lora", &linear_lora_cpu);
 }
 
 }  // namespace cpu
