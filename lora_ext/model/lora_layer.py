@@ -34,6 +34,8 @@ class LoraLayer(torch.nn.Module):
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=weight.device),
                              persistent=False)
         self._owner = owner
+        self._base_is_linear = type(base_layer) is torch.nn.Linear
+        self._op_args = None
 
     @property
     def lora_b(self):
@@ -67,26 +69,34 @@ class LoraLayer(torch.nn.Module):
             return self.base_layer(x, *args, **kwargs)
         slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
         rows = x.reshape(-1, self.in_features)
-        if not args and not kwargs and self._base_runs_in_op(rows):
+        lora_a, lora_b, scales, ranks = self._op_args or self._cache_op_args()
+        if not args and not kwargs and self._base_runs_in_op(rows.dtype, lora_a.dtype):
             base = self.base_layer
-            out = ops.linear_lora(rows, base.weight, base.bias, self.lora_a, self.lora_b, slot_ids, self.scales,
-                                  self.ranks, plan)
+            out = ops.linear_lora(rows, base.weight, base.bias, lora_a, lora_b, slot_ids, scales, ranks, plan)
             return out.view(*x.shape[:-1], self.out_features)
         out = self.base_layer(x, *args, **kwargs)
-        if rows.dtype != self.dtype:
-            rows = rows.to(self.dtype)
-        if out.dtype == self.dtype and out.is_contiguous():
-            ops.add_lora_(out.view(-1, self.out_features), rows, self.lora_a, self.lora_b, slot_ids, self.scales,
-                          self.ranks, plan)
+        if rows.dtype != lora_a.dtype:
+            rows = rows.to(lora_a.dtype)
+        if out.dtype == lora_a.dtype and out.is_contiguous():
+            ops.add_lora_(out.view(-1, self.out_features), rows, lora_a, lora_b, slot_ids, scales, ranks, plan)
             return out
-        delta = ops.lora_delta(rows, self.lora_a, self.lora_b, slot_ids, self.scales, self.ranks, plan)
+        delta = ops.lora_delta(rows, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return out + delta.view(out.shape).to(out.dtype)
 
-    def _base_runs_in_op(self, rows):
+    def _cache_op_args(self):
+        """(lora_a, lora_b, scales, ranks) as the ops take them, kept until _apply replaces buffers."""
+        self._op_args = (self.lora_a, self.lora_b, self.scales, self.ranks)
+        return self._op_args
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(), ... replace the buffers
+        self._op_args = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _base_runs_in_op(self, x_dtype, lora_dtype):
         """Whether linear_lora may compute the base layer too: a plain nn.Linear in the adapters'
         dtype, with no hooks that calling it would have run."""
         base = self.base_layer
-        return (type(base) is torch.nn.Linear and rows.dtype == self.lora_a.dtype == base.weight.dtype
+        return (self._base_is_linear and x_dtype == lora_dtype == base.weight.dtype
                 and not (base._forward_hooks or base._forward_pre_hooks or nn_module._global_forward_hooks
                          or nn_module._global_forward_pre_hooks))
 
