@@ -84,6 +84,24 @@ def test_hooks_on_a_base_layer_still_run(llama_paths):
     torch.testing.assert_close(hooked, plain, **FP32_TOL)
 
 
+def test_moving_the_patched_model_keeps_layers_working(llama_paths):
+    """.to() replaces the layers' buffers; the layers must use the new ones (they cache their op
+    arguments between calls)."""
+    ids, mask = batch("cpu", length=5)
+    mm = our_model("llama", llama_paths)
+    before = mm(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    mm.model.to(torch.float64).to(torch.float32)
+    after = mm(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    torch.testing.assert_close(after, before, **FP32_TOL)
+    scales = {name: layer.scales.clone() for name, layer in mm.layers.items()}
+    mm.model.to(torch.bfloat16)
+    assert all(torch.equal(layer.scales, scales[name]) for name, layer in mm.layers.items()), \
+        "scales must stay float32 and unrounded"
+    bf16 = mm(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    assert bf16.dtype == torch.bfloat16
+    assert (bf16.float() - before).abs().amax() < 0.1 * before.abs().amax()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_logits_bfloat16_within_stated_tolerance(arch_adapters, device):
     """bf16 rule: our bf16 error against PEFT in float32 is at most twice the error of PEFT run in

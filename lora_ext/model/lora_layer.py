@@ -88,9 +88,14 @@ class LoraLayer(torch.nn.Module):
         self._op_args = (self.lora_a, self.lora_b, self.scales, self.ranks)
         return self._op_args
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(), ... replace the buffers
+    def _apply(self, fn, *args, **kwargs):
+        """.to(), .cuda(), .half(), ... replace the buffers: drop the cached op arguments, and keep
+        the scales float32 (the ops take them so; a cast would round rsLoRA's scalings)."""
+        scales = self.scales
         self._op_args = None
-        return super()._apply(fn, *args, **kwargs)
+        result = super()._apply(fn, *args, **kwargs)
+        self._buffers["scales"] = scales.to(device=self.lora_a.device)
+        return result
 
     def _base_runs_in_op(self, x_dtype, lora_dtype):
         """Whether linear_lora may compute the base layer too: a plain nn.Linear in the adapters'
