@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "cpu/item_kernels.h"
+#include "cpu/lane_mask.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LORA_EXT_HAVE_AVX512_GEMM 1
@@ -29,10 +30,6 @@ namespace {
 
 constexpr int kTileRows = 4;
 constexpr int kTileCols = 6;
-
-inline __mmask16 lanes_below(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1u);
-}
 
 // out[m0 .. m0 + MB, n0 .. n0 + NB) = x-rows . w-rows (+ bias)
 template <int MB, int NB>
@@ -61,7 +58,7 @@ void tile(const BaseGemmArgs& g, int64_t m0, int64_t n0) {
   };
   int64_t k = 0;
   for (; k + 16 <= g.k; k += 16) step(k, 0xFFFF);
-  if (k < g.k) step(k, lanes_below(g.k - k));
+  if (k < g.k) step(k, first_lanes(g.k - k));
 #pragma GCC unroll 4
   for (int i = 0; i < MB; ++i) {
     float* o = g.out + (m0 + i) * g.out_row_stride + n0;

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "cpu/item_kernels.h"
+#include "cpu/lane_mask.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LORA_EXT_HAVE_AVX512_KERNEL 1
@@ -53,10 +54,6 @@ inline void prefetch_lines(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) {
     _mm_prefetch(static_cast<const char*>(p) + off, _MM_HINT_T0);
   }
-}
-
-inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n, 0)) - 1u);
 }
 
 // 16 lanes as float32, the lanes outside `m` zero (never read from memory).

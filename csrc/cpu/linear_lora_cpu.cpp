@@ -99,12 +99,8 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const ItemKernels kernels = work.items.empty() ? ItemKernels{} : choose_item_kernels(x.scalar_type(),
                                                                                      item_args(batch, order, work.items[0]));
   if (!fused_linear_fits(x, weight, bias, sizes, work, kernels)) {
-    out = at::linear(x, weight, bias);
-    const Batch unfused{x, lora_a, lora_b, out, scales, ranks, sizes, /*accumulate=*/true};
-    for (const WorkItem& seg : work.gemm_segments) {
-      run_gemm_segment(unfused, plan.narrow(0, layout.order(), sizes.rows), seg);
-    }
-    if (!work.items.empty()) run_items(unfused, order, work.items);
+    at::linear_out(out, x, weight, bias);
+    run_work(batch, plan, layout, work);
     return out;
   }
   const BaseGemmArgs gemm{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), weight.stride(0),

@@ -211,6 +211,12 @@ at::Tensor plan_for(const at::Tensor& slot_ids, const c10::optional<at::Tensor>&
   return plan_arg.has_value() ? *plan_arg : build_plan_cpu(slot_ids, sizes.slots);
 }
 
+void run_work(const Batch& batch, const at::Tensor& plan, const PlanLayout& layout, const Work& work) {
+  const at::Tensor plan_order = plan.narrow(0, layout.order(), batch.sizes.rows);
+  for (const WorkItem& seg : work.gemm_segments) run_gemm_segment(batch, plan_order, seg);
+  if (!work.items.empty()) run_items(batch, plan_order.data_ptr<int32_t>(), work.items);
+}
+
 namespace {
 
 void run_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
@@ -222,11 +228,8 @@ void run_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a
   if (sizes.rows == 0) return;
   const at::Tensor plan = plan_for(slot_ids, plan_arg, sizes);
   const PlanLayout layout{sizes.rows, sizes.slots};
-  const at::Tensor plan_order = plan.narrow(0, layout.order(), sizes.rows);
   const Batch batch{x, lora_a, lora_b, out, scales, ranks, sizes, accumulate};
-  const Work work = collect_work(batch, plan.data_ptr<int32_t>() + layout.offsets(), layout);
-  for (const WorkItem& seg : work.gemm_segments) run_gemm_segment(batch, plan_order, seg);
-  if (!work.items.empty()) run_items(batch, plan_order.data_ptr<int32_t>(), work.items);
+  run_work(batch, plan, layout, collect_work(batch, plan.data_ptr<int32_t>() + layout.offsets(), layout));
 }
 
 at::Tensor lora_delta_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,

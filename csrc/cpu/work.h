@@ -78,6 +78,8 @@ ItemArgs item_args(const Batch& batch, const int32_t* order, const WorkItem& ite
 void run_gemm_segment(const Batch& batch, const at::Tensor& plan_order, const WorkItem& seg);
 // The items on the intra-op thread pool, whole or split in parts depending on their number.
 void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkItem>& items);
+// All of a call's work: its GEMM segments, then its items.
+void run_work(const Batch& batch, const at::Tensor& plan, const PlanLayout& layout, const Work& work);
 
 }  // namespace cpu
 }  // namespace lora_ext
