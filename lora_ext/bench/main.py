@@ -26,6 +26,7 @@ from lora_ext.bench.synthetic import DEFAULT_MODEL_CONFIG, build_default_model, 
 
 MIXED_RANKS = (8, 16, 32, 64)
 NO_FUSION = "LORA_EXT_CPU_NO_FUSED_LINEAR"  # turns off linear_lora's fused CPU path
+FUSED_MAX_ROWS = 64  # linear_lora fuses at most this many rows (csrc/cpu/linear_lora_cpu.cpp)
 
 
 def parse_args(argv):
@@ -203,11 +204,10 @@ def build_scenarios(args, base_model, mm, groups, names, paths, peft_wanted):
     for scenario, group in groups:
         per_row = row_names(group, args.batch_size)
         scenarios[scenario] = ("lora_ext", BatchRunner(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw)), per_row)
-    if fusable_layers(mm) and args.batch_size <= 32:
-        per_row = row_names(names, args.batch_size)
+    per_row = row_names(names, args.batch_size)
+    if fusable_layers(mm) and args.batch_size <= FUSED_MAX_ROWS:
         scenarios[f"lora_ext {len(names)} adapters, unfused"] = (
             "lora_ext", BatchRunner(without_fusion(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw))), per_row)
-    per_row = row_names(names, args.batch_size)
     split = SplitRunner([(torch.tensor([i for i, x in enumerate(per_row) if x == name], device=args.device),
                           BatchRunner(lambda _n=name, _k=per_row.count(name), **kw: mm(adapter_names=[_n] * _k, **kw)))
                          for name in dict.fromkeys(per_row)])
