@@ -19,7 +19,7 @@ import torch
 import lora_ext
 from lora_ext.adapters.peft_format import read_config
 from lora_ext.bench import report
-from lora_ext.bench.fused_gemm import fusable_layers, gemm_saving_ms
+from lora_ext.bench.fused_gemm import fusable_layers, op_without_adapters
 from lora_ext.bench.measure import machine_info, measure_bandwidth
 from lora_ext.bench.runners import BatchRunner, SplitRunner, time_interleaved
 from lora_ext.bench.synthetic import DEFAULT_MODEL_CONFIG, build_default_model, load_local_model, make_adapters
@@ -27,6 +27,7 @@ from lora_ext.bench.synthetic import DEFAULT_MODEL_CONFIG, build_default_model, 
 MIXED_RANKS = (8, 16, 32, 64)
 NO_FUSION = "LORA_EXT_CPU_NO_FUSED_LINEAR"  # turns off linear_lora's fused CPU path
 FUSED_MAX_ROWS = 64  # linear_lora fuses at most this many rows (csrc/cpu/linear_lora_cpu.cpp)
+GEMM_ONLY = "lora_ext op, no adapter rows"  # the fused base GEMM alone, in the model
 
 
 def parse_args(argv):
@@ -39,7 +40,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=24, help="decode steps timed per repeat")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quick", action="store_true", help="shorter prompts, fewer tokens and repeats")
@@ -147,7 +148,8 @@ def run(args):
 
     print(f"lora-ext bench: {args.model or 'built-in Llama ' + str(DEFAULT_MODEL_CONFIG)}")
     print(f"  device {args.device}, {args.dtype}, batch {args.batch_size} x prompt {args.prompt_len}, "
-          f"{args.new_tokens} decode steps x {args.repeats} repeats, {torch.get_num_threads()} threads")
+          f"{args.new_tokens} decode steps x {args.repeats} repeats (a third of the steps for the adapter-by-adapter "
+          f"and PEFT baselines), {torch.get_num_threads()} threads")
     bandwidth = measure_bandwidth(args.device)
     print(f"  measured memory bandwidth {bandwidth / 1e9:.1f} GB/s")
 
@@ -165,8 +167,9 @@ def run(args):
     scenarios = build_scenarios(args, base_model, mm, groups, main_names[:n], paths, peft_wanted)
 
     progress = tqdm(total=(args.repeats + 1) * (len(scenarios) + 2), desc="rounds", file=sys.stderr, leave=False)
-    times = time_interleaved({k: v[1] for k, v in scenarios.items()}, ids, mask, args.new_tokens, args.repeats,
-                             args.device, progress)
+    steps_of = slow_baseline_steps(args, scenarios)
+    times = time_interleaved(timing_order(scenarios, n), ids, mask, args.new_tokens, args.repeats, args.device,
+                             progress, steps_of)
     # Merged weights change the model, so that scenario runs in rounds of its own, against the base.
     mm.merge_adapter(main_names[0])
     merged = "1 adapter merged into the base"
@@ -178,7 +181,9 @@ def run(args):
     scenarios[merged] = ("merged", None, [])
     rows = [scenario_row(name, kind, names, times[name], times[base_key(kind)], mm, bandwidth, args)
             for name, (kind, _, names) in scenarios.items()]
-    summary = summarize(rows, n, gemm_saving_ms(mm, args.batch_size))
+    for row in rows:
+        row["decode_steps_per_round"] = steps_of.get(row["scenario"], args.new_tokens)
+    summary = summarize(rows, n)
     result = dict(setup=machine_info(args.device), args=vars(args), model=args.model or DEFAULT_MODEL_CONFIG,
                   bandwidth_bytes_per_s=bandwidth, correctness=correctness, rows=rows, summary=summary)
     table = report.format_table(rows)
@@ -206,6 +211,7 @@ def build_scenarios(args, base_model, mm, groups, names, paths, peft_wanted):
         scenarios[scenario] = ("lora_ext", BatchRunner(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw)), per_row)
     per_row = row_names(names, args.batch_size)
     if fusable_layers(mm) and args.batch_size <= FUSED_MAX_ROWS:
+        scenarios[GEMM_ONLY] = ("lora_ext", BatchRunner(op_without_adapters(mm, args.batch_size, args.device)), [])
         scenarios[f"lora_ext {len(names)} adapters, unfused"] = (
             "lora_ext", BatchRunner(without_fusion(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw))), per_row)
     split = SplitRunner([(torch.tensor([i for i, x in enumerate(per_row) if x == name], device=args.device),
@@ -217,6 +223,24 @@ def build_scenarios(args, base_model, mm, groups, names, paths, peft_wanted):
         scenarios[f"PEFT mixed batch, {len(names)} adapters"] = (
             "peft", BatchRunner(lambda _n=per_row, **kw: peft(adapter_names=_n, **kw)), per_row)
     return scenarios
+
+
+def timing_order(scenarios, n):
+    """{name: runner} in the order each round runs them: the base model, the N-adapter batch the
+    targets compare with it and the fused GEMM alone (next to each other, so the machine's drift
+    between them is smallest), then the rest."""
+    main = f"lora_ext {n} adapter{'s' if n > 1 else ''}"
+    first = ["base model (no adapters)", main, GEMM_ONLY]
+    order = first + [k for k in scenarios if k not in first]
+    return {k: scenarios[k][1] for k in order if k in scenarios}
+
+
+def slow_baseline_steps(args, scenarios):
+    """Decode steps per round for the adapter-by-adapter and PEFT baselines: a third of the others'
+    (at least 2). Their steps take 4-15x longer and vary little, so fewer of them keep the run near
+    two minutes while the rounds that decide the overhead figures get more repeats."""
+    steps = max(2, args.new_tokens // 3)
+    return {name: steps for name, (kind, _, _) in scenarios.items() if kind in ("split", "peft")}
 
 
 def without_fusion(call):
@@ -253,11 +277,12 @@ def scenario_row(name, kind, names, t, base, mm, bandwidth, args):
     return row
 
 
-def summarize(rows, n, gemm_saving=None):
-    """The target figures; gemm_saving: ms per step that lora_ext's fused base GEMMs save against
-    ATen's (None where layers do not fuse), to report the LoRA work alone too."""
+def summarize(rows, n):
+    """The target figures, and the LoRA work alone where the fused-GEMM scenario ran: the N-adapter
+    step minus the step of the same patched model with no adapter rows (median over rounds)."""
     by_name = {r["scenario"]: r for r in rows}
     ours = by_name.get(f"lora_ext {n} adapters") or by_name.get(f"lora_ext {n} adapter")
+    gemm_only = by_name.get(GEMM_ONLY)
     peft = next((r for r in rows if r["kind"] == "peft"), None)
     lines, figures = [], {}
     if ours is not None:
@@ -265,12 +290,13 @@ def summarize(rows, n, gemm_saving=None):
         lines.append(f"lora_ext, {n} distinct adapters: decode overhead {ours['overhead_ms']:.2f} ms/step = "
                      f"{ours.get('overhead_over_floor', float('nan')):.2f}x the adapter-streaming floor "
                      f"({ours.get('floor_ms', float('nan')):.2f} ms)")
-    if ours is not None and gemm_saving is not None and ours.get("floor_ms"):
-        work = ours["overhead_ms"] + gemm_saving
-        figures.update(fused_gemm_saving_ms=gemm_saving, lora_work_ms=work, lora_work_over_floor=work / ours["floor_ms"])
-        lines.append(f"  of which lora_ext's fused base GEMMs save {gemm_saving:.2f} ms/step against ATen's (no adapter "
-                     f"rows, same layers): the LoRA work alone costs {work:.2f} ms = {work / ours['floor_ms']:.2f}x "
-                     "the floor")
+    if ours is not None and gemm_only is not None and ours.get("floor_ms"):
+        saving = -gemm_only["overhead_ms"]
+        work = statistics.median(a - b for a, b in zip(ours["step_ms_per_round"], gemm_only["step_ms_per_round"]))
+        figures.update(fused_gemm_saving_ms=saving, lora_work_ms=work, lora_work_over_floor=work / ours["floor_ms"])
+        lines.append(f"  the same patched model with no adapter rows (lora_ext's base GEMM, no LoRA work) runs "
+                     f"{saving:.2f} ms/step {'faster' if saving >= 0 else 'slower'} than the base model, so the "
+                     f"LoRA work alone costs {work:.2f} ms = {work / ours['floor_ms']:.2f}x the floor")
     if ours is not None and peft is not None and peft["overhead_ms"] > 0:
         figures["overhead_vs_peft"] = ours["overhead_ms"] / peft["overhead_ms"]
         lines.append(f"PEFT mixed batch overhead {peft['overhead_ms']:.2f} ms/step: lora_ext's is "

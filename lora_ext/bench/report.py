@@ -8,7 +8,8 @@ COLUMNS = [
     ("scenario", "how the batch is served", 34, None, "scenario"),
     ("adapters", "distinct adapters in the batch", 8, "d", "adapters"),
     ("prefill tok/s", "prompt tokens per second (median of repeats)", 13, ".0f", "prefill_tokens_per_s"),
-    ("decode tok/s", "generated tokens per second (median over steps and repeats)", 12, ".1f", "decode_tokens_per_s"),
+    ("decode tok/s", "generated tokens per second (median over steps and repeats; the adapter-by-adapter\n"
+     "                 and PEFT rows time a third of the steps per round)", 12, ".1f", "decode_tokens_per_s"),
     ("step ms", "one decode step for the whole batch", 8, ".2f", "decode_step_ms"),
     ("overhead ms", "decode step time beyond the base model's", 11, ".2f", "overhead_ms"),
     ("floor ms", "time to stream the adapter bytes one step reads, at the measured bandwidth", 8, ".2f", "floor_ms"),

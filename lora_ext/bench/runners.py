@@ -62,9 +62,10 @@ def run_round(runner, ids, mask, new_tokens, device):
     return prefill, steps
 
 
-def time_interleaved(runners, ids, mask, new_tokens, repeats, device, progress=None):
+def time_interleaved(runners, ids, mask, new_tokens, repeats, device, progress=None, steps_of=None):
     """Times every runner in each of `repeats` rounds (after one warm-up round), interleaved so that
-    drift in the machine's speed hits all of them alike.
+    drift in the machine's speed hits all of them alike. steps_of: {name: decode steps per round}
+    for runners that take fewer than `new_tokens` (the slow baselines, whose steps vary little).
 
     Returns {name: {"prefill": [per round], "step": [median step per round], "steps": [all steps]}}.
     """
@@ -73,7 +74,7 @@ def time_interleaved(runners, ids, mask, new_tokens, repeats, device, progress=N
         for name, runner in runners.items():
             if progress is not None:
                 progress.set_postfix_str(name)
-            prefill, steps = run_round(runner, ids, mask, new_tokens, device)
+            prefill, steps = run_round(runner, ids, mask, (steps_of or {}).get(name, new_tokens), device)
             if round_index > 0:
                 times[name]["prefill"].append(prefill)
                 times[name]["step"].append(statistics.median(steps))
