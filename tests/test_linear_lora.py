@@ -145,3 +145,20 @@ def test_matches_reference_cuda(dtype, rows):
     inputs = make_inputs(rows, 96, 80, 6, 16, dtype, "cuda", "with_none", seed=rows)
     weight, bias = base_layer(96, 80, True, dtype, rows)
     check(inputs, weight.cuda(), bias.cuda(), dtype, f"cuda {dtype} T={rows}")
+
+
+@pytest.mark.parametrize("d_in,d_out", [(17, 13), (768, 2048), (100, 1500)])
+def test_decode_rows_give_the_same_bits_alone_and_batched(monkeypatch, d_in, d_out):
+    """Distinct adapters with one row each run four items at a time on the fused path; each row
+    computed alone (one item) must give the same bits (lora_ext's GEMM sums each output the same
+    way for any number of rows; ATen's unfused GEMM need not, so this is the fused path only)."""
+    monkeypatch.delenv("LORA_EXT_CPU_NO_FUSED_LINEAR", raising=False)
+    inputs = make_inputs(33, d_in, d_out, 40, 16, torch.float32, "cpu", "distinct", seed=d_out,
+                         mixed_ranks=False, b_layout="rank_major")
+    weight, bias = base_layer(d_in, d_out, True, torch.float32, d_in)
+    args = {k: v for k, v in inputs.items() if k not in ("x", "slot_ids")}
+    batched = lora_ext.linear_lora(inputs["x"], weight, bias, slot_ids=inputs["slot_ids"], **args)
+    alone = torch.cat([lora_ext.linear_lora(inputs["x"][i:i + 1], weight, bias, slot_ids=inputs["slot_ids"][i:i + 1],
+                                            **args) for i in range(33)])
+    assert torch.equal(batched, alone)
+    check(inputs, weight, bias, torch.float32, f"fused decode {d_in}->{d_out}")

@@ -103,6 +103,22 @@ def test_memory_layouts_cpu(cpu_config, dtype, x_layout, b_layout):
     run_both_ops(inputs, dtype, f"{cpu_config} x {x_layout}, b {b_layout}")
 
 
+# Decode batches (one row per adapter, rank-major B) run four items at a time on AVX-512, grouped
+# by rank: equal and mixed ranks, outputs wider than the kernel's 1024-column buffer, odd sizes.
+@pytest.mark.parametrize("mixed_ranks", [False, True])
+@pytest.mark.parametrize("d_in,d_out", [(17, 13), (768, 256), (100, 1500), (4097, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_items_four_at_a_time(cpu_config, dtype, d_in, d_out, mixed_ranks):
+    inputs = make_inputs(40, d_in, d_out, 48, 16, dtype, "cpu", "distinct", seed=d_in + d_out,
+                         mixed_ranks=mixed_ranks, b_layout="rank_major")
+    run_both_ops(inputs, dtype, f"{cpu_config} decode {d_in}->{d_out} mixed ranks {mixed_ranks}")
+    # Row by row, every item runs alone: the grouped kernel must give the same bits.
+    alone = torch.cat([lora_ext.lora_delta(inputs["x"][i:i + 1], inputs["lora_a"], inputs["lora_b"],
+                                           inputs["slot_ids"][i:i + 1], inputs["scales"], inputs["ranks"])
+                       for i in range(40)])
+    assert torch.equal(lora_ext.lora_delta(**inputs), alone)
+
+
 def test_defaults_all_scales_one_and_full_rank():
     inputs = make_inputs(20, 32, 48, 3, 8, torch.float32, "cpu", "with_none", mixed_ranks=False)
     inputs["scales"] = None

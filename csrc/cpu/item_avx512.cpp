@@ -382,10 +382,90 @@ void expand(const ItemArgs& p, const float* u, int64_t col_begin, int64_t col_en
   }
 }
 
-// kDot: the bfloat16 shrink uses vdpbf16ps (AVX512-BF16).
+// kQuadItems items of one row each, same rank, B rank-major (quad_fits): each step reads one
+// rank row of every item's A (shrink) or B (expand), so four streams run through the items'
+// contiguous A[:rank] and B[:rank] from start to end. The sums are those of shrink_block with
+// one row (two accumulator sets along k) and of expand_rank_major_block (an FMA chain over the
+// ranks from zero, added to out once), so results equal the one-item kernels' bit for bit. The
+// expand keeps its partial sums in a float32 buffer of kQuadColumns columns per item (L1).
+constexpr int64_t kQuadColumns = 1024;
+
+template <typename T>
+void quad_shrink(const ItemArgs* const* q, float* const* u) {
+  constexpr int N = kQuadItems;
+  const int64_t d_in = q[0]->d_in;
+  const T* x[N];
+  for (int i = 0; i < N; ++i) x[i] = static_cast<const T*>(q[i]->x) + q[i]->rows[0] * q[i]->x_row_stride;
+  for (int64_t r = 0; r < q[0]->rank; ++r) {
+    const T* a[N];
+#pragma GCC unroll 4
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const T*>(q[i]->a) + r * q[i]->a_rank_stride;
+    __m512 acc[2][N];
+#pragma GCC unroll 4
+    for (int i = 0; i < N; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
+    auto step = [&](int s, int64_t k, __mmask16 m) __attribute__((always_inline)) {
+#pragma GCC unroll 4
+      for (int i = 0; i < N; ++i) acc[s][i] = _mm512_fmadd_ps(load16(a[i] + k, m), load16(x[i] + k, m), acc[s][i]);
+    };
+    int64_t k = 0;
+    for (; k + 32 <= d_in; k += 32) {
+      step(0, k, 0xFFFF);
+      step(1, k + 16, 0xFFFF);
+    }
+    for (; k < d_in; k += 16) step(0, k, first_lanes(d_in - k));
+#pragma GCC unroll 4
+    for (int i = 0; i < N; ++i) u[i][r] = q[i]->scale * _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
+  }
+}
+
+template <typename T>
+void quad_expand(const ItemArgs* const* q, const float* const* u) {
+  constexpr int N = kQuadItems;
+  const int64_t d_out = q[0]->d_out, rank = q[0]->rank;
+  thread_local float sums[N][kQuadColumns];
+  for (int64_t c0 = 0; c0 < d_out; c0 += kQuadColumns) {
+    const int64_t cols = std::min(kQuadColumns, d_out - c0);
+    for (int64_t r = 0; r < rank; ++r) {
+      const T* b[N];
+      __m512 ur[N];
+#pragma GCC unroll 4
+      for (int i = 0; i < N; ++i) {
+        b[i] = static_cast<const T*>(q[i]->b) + r * q[i]->b_rank_stride + c0;
+        ur[i] = _mm512_set1_ps(u[i][r]);
+      }
+      for (int64_t n = 0; n < cols; n += 16) {
+        const __mmask16 m = first_lanes(cols - n);
+#pragma GCC unroll 4
+        for (int i = 0; i < N; ++i) {
+          const __m512 bv = load16(b[i] + n, m);
+          const __m512 prior = r == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sums[i] + n);
+          _mm512_storeu_ps(sums[i] + n, _mm512_fmadd_ps(ur[i], bv, prior));
+        }
+      }
+    }
+    for (int i = 0; i < N; ++i) {
+      T* o = static_cast<T*>(q[i]->out) + q[i]->rows[0] * q[i]->out_row_stride + c0;
+      for (int64_t n = 0; n < cols; n += 16) {
+        const __mmask16 m = first_lanes(cols - n);
+        __m512 value = _mm512_loadu_ps(sums[i] + n);
+        if (q[i]->accumulate) value = _mm512_add_ps(load16(o + n, m), value);
+        store16(o + n, value, m);
+      }
+    }
+  }
+}
+
+template <typename T>
+void quad(const ItemArgs* const* items, float* const* u) {
+  quad_shrink<T>(items, u);
+  quad_expand<T>(items, u);
+}
+
+// kDot: the bfloat16 shrink uses vdpbf16ps (AVX512-BF16); its sums differ from the widening
+// quad shrink's, so that choice has no quad kernel.
 template <typename T, bool kDot = false>
 ItemKernels kernels_for() {
-  return {nullptr, &shrink<T, kDot>, &expand<T>};
+  return {nullptr, &shrink<T, kDot>, &expand<T>, kDot ? nullptr : &quad<T>};
 }
 
 }  // namespace

@@ -62,11 +62,7 @@ void run_fused_linear(const BaseGemmArgs& gemm, const Batch& batch, const int32_
     const std::vector<int64_t> first = split_by_bytes(args, threads);
     base_gemm_columns(gemm, gemm.n * t / threads, gemm.n * (t + 1) / threads);
 #pragma omp barrier
-    for (int64_t i = first[t]; i < first[t + 1]; ++i) {
-      if (args[i].rank == 0) continue;
-      kernels.shrink(args[i], nullptr, 0, args[i].rank, u + u_offset[i]);
-      kernels.expand(args[i], u + u_offset[i], 0, args[i].d_out);
-    }
+    run_whole_items(kernels, args, first[t], first[t + 1], nullptr, u_offset, u, u_offset);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -123,6 +124,41 @@ std::vector<Task> split_items(const std::vector<WorkItem>& items, const std::vec
 
 }  // namespace
 
+void run_whole_items(const ItemKernels& kernels, const std::vector<ItemArgs>& args, int64_t begin, int64_t end,
+                     const float* xs, const std::vector<int64_t>& xs_offset, float* u,
+                     const std::vector<int64_t>& u_offset) {
+  auto run_one = [&](int64_t i) {
+    kernels.shrink(args[i], xs != nullptr ? xs + xs_offset[i] : nullptr, 0, args[i].rank, u + u_offset[i]);
+    kernels.expand(args[i], u + u_offset[i], 0, args[i].d_out);
+  };
+  std::vector<int64_t> quads;  // items that may run four at a time, by rank
+  for (int64_t i = begin; i < end; ++i) {
+    if (args[i].rank == 0) continue;
+    if (kernels.quad != nullptr && quad_fits(args[i], args[i])) {
+      quads.push_back(i);
+    } else {
+      run_one(i);
+    }
+  }
+  std::stable_sort(quads.begin(), quads.end(), [&](int64_t a, int64_t b) { return args[a].rank < args[b].rank; });
+  size_t j = 0;
+  while (j < quads.size()) {
+    const ItemArgs& first = args[quads[j]];
+    if (j + kQuadItems <= quads.size() && quad_fits(args[quads[j + kQuadItems - 1]], first)) {
+      const ItemArgs* group[kQuadItems];
+      float* group_u[kQuadItems];
+      for (int g = 0; g < kQuadItems; ++g) {
+        group[g] = &args[quads[j + g]];
+        group_u[g] = u + u_offset[quads[j + g]];
+      }
+      kernels.quad(group, group_u);
+      j += kQuadItems;
+    } else {
+      run_one(quads[j++]);
+    }
+  }
+}
+
 // Three parallel phases over parts of items, so the work spreads over every thread even when
 // the batch has fewer items than threads: rows to float32, shrink by rank groups, expand by
 // column chunks. Items without an adapter are zeroed (lora_delta) in the first phase.
@@ -162,11 +198,7 @@ void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkI
     // start only got in its way (15-18% slower; benchmarks/NOTES.md).
     for (ItemArgs& item : args) item.prefetch_b = false;
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (ranks[i] == 0) continue;
-        kernels.shrink(args[i], xs + xs_offset[i], 0, ranks[i], u + u_offset[i]);
-        kernels.expand(args[i], u + u_offset[i], 0, columns[i]);
-      }
+      run_whole_items(kernels, args, begin, end, xs, xs_offset, u, u_offset);
     });
     return;
   }

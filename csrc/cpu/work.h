@@ -76,6 +76,12 @@ ItemArgs item_args(const Batch& batch, const int32_t* order, const WorkItem& ite
 
 // out[rows] (+)= scale * (x[rows] @ A[:rank]^T) @ B[:, :rank]^T as two ATen GEMMs.
 void run_gemm_segment(const Batch& batch, const at::Tensor& plan_order, const WorkItem& seg);
+// Whole items [begin, end) of `args` on the calling thread: four at a time where kernels.quad
+// exists and quad_fits (grouped by rank), the rest one by one. xs: the float32 rows (when
+// kernels.rows_to_float exists) at xs_offset[i]; u: room for each item's count x rank at u_offset[i].
+void run_whole_items(const ItemKernels& kernels, const std::vector<ItemArgs>& args, int64_t begin, int64_t end,
+                     const float* xs, const std::vector<int64_t>& xs_offset, float* u,
+                     const std::vector<int64_t>& u_offset);
 // The items on the intra-op thread pool, whole or split in parts depending on their number.
 void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkItem>& items);
 // All of a call's work: its GEMM segments, then its items.
