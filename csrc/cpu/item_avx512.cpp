@@ -382,21 +382,36 @@ void expand(const ItemArgs& p, const float* u, int64_t col_begin, int64_t col_en
   }
 }
 
-// kQuadItems items of one row each, same rank, B rank-major (quad_fits): each step reads one
-// rank row of every item's A (shrink) or B (expand), so four streams run through the items'
-// contiguous A[:rank] and B[:rank] from start to end. The sums are those of shrink_block with
-// one row (two accumulator sets along k) and of expand_rank_major_block (an FMA chain over the
-// ranks from zero, added to out once), so results equal the one-item kernels' bit for bit. The
-// expand keeps its partial sums in a float32 buffer of kQuadColumns columns per item (L1).
+// kQuadItems items of one row each with B rank-major (quad_fits), ranks in descending order: each
+// step reads one rank row of every item's A (shrink) or B (expand) that has that rank, so four
+// streams run through the items' contiguous A[:rank] and B[:rank] from start to end. The sums are
+// those of shrink_block with one row (two accumulator sets along k) and of
+// expand_rank_major_block (an FMA chain over the ranks from zero, added to out once), so results
+// equal the one-item kernels' bit for bit. The expand keeps its partial sums in a float32 buffer
+// of kQuadColumns columns per item (L1).
 constexpr int64_t kQuadColumns = 1024;
 
-template <typename T>
-void quad_shrink(const ItemArgs* const* q, float* const* u) {
-  constexpr int N = kQuadItems;
+// Calls run(std::integral_constant<int, N>{}, r_begin, r_end) over the ranks where exactly the first
+// N items take part: [rank[N], rank[N - 1]) with rank[kQuadItems] = 0.
+template <typename Run>
+void by_active_items(const ItemArgs* const* q, Run run) {
+  int64_t r = 0;
+  auto segment = [&](auto n) {
+    const int64_t r_end = q[decltype(n)::value - 1]->rank;
+    if (r < r_end) run(n, r, r_end);
+    r = std::max(r, r_end);
+  };
+  segment(std::integral_constant<int, 4>{});
+  segment(std::integral_constant<int, 3>{});
+  segment(std::integral_constant<int, 2>{});
+  segment(std::integral_constant<int, 1>{});
+}
+
+template <typename T, int N>
+void quad_shrink_ranks(const ItemArgs* const* q, const T* const* x, int64_t r_begin, int64_t r_end,
+                       float* const* u) {
   const int64_t d_in = q[0]->d_in;
-  const T* x[N];
-  for (int i = 0; i < N; ++i) x[i] = static_cast<const T*>(q[i]->x) + q[i]->rows[0] * q[i]->x_row_stride;
-  for (int64_t r = 0; r < q[0]->rank; ++r) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
     const T* a[N];
 #pragma GCC unroll 4
     for (int i = 0; i < N; ++i) a[i] = static_cast<const T*>(q[i]->a) + r * q[i]->a_rank_stride;
@@ -418,32 +433,45 @@ void quad_shrink(const ItemArgs* const* q, float* const* u) {
   }
 }
 
-template <typename T>
-void quad_expand(const ItemArgs* const* q, const float* const* u) {
-  constexpr int N = kQuadItems;
-  const int64_t d_out = q[0]->d_out, rank = q[0]->rank;
-  thread_local float sums[N][kQuadColumns];
-  for (int64_t c0 = 0; c0 < d_out; c0 += kQuadColumns) {
-    const int64_t cols = std::min(kQuadColumns, d_out - c0);
-    for (int64_t r = 0; r < rank; ++r) {
-      const T* b[N];
-      __m512 ur[N];
+// sums[i][:cols] (+)= sum over r in [r_begin, r_end) of u[i][r] * B_i[r, c0 : c0 + cols]; rank 0
+// starts the chain from zero.
+template <typename T, int N>
+void quad_expand_ranks(const ItemArgs* const* q, const float* const* u, int64_t c0, int64_t cols, int64_t r_begin,
+                       int64_t r_end, float (*sums)[kQuadColumns]) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T* b[N];
+    __m512 ur[N];
+#pragma GCC unroll 4
+    for (int i = 0; i < N; ++i) {
+      b[i] = static_cast<const T*>(q[i]->b) + r * q[i]->b_rank_stride + c0;
+      ur[i] = _mm512_set1_ps(u[i][r]);
+    }
+    for (int64_t n = 0; n < cols; n += 16) {
+      const __mmask16 m = first_lanes(cols - n);
 #pragma GCC unroll 4
       for (int i = 0; i < N; ++i) {
-        b[i] = static_cast<const T*>(q[i]->b) + r * q[i]->b_rank_stride + c0;
-        ur[i] = _mm512_set1_ps(u[i][r]);
-      }
-      for (int64_t n = 0; n < cols; n += 16) {
-        const __mmask16 m = first_lanes(cols - n);
-#pragma GCC unroll 4
-        for (int i = 0; i < N; ++i) {
-          const __m512 bv = load16(b[i] + n, m);
-          const __m512 prior = r == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sums[i] + n);
-          _mm512_storeu_ps(sums[i] + n, _mm512_fmadd_ps(ur[i], bv, prior));
-        }
+        const __m512 prior = r == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sums[i] + n);
+        _mm512_storeu_ps(sums[i] + n, _mm512_fmadd_ps(ur[i], load16(b[i] + n, m), prior));
       }
     }
-    for (int i = 0; i < N; ++i) {
+  }
+}
+
+template <typename T>
+void quad(const ItemArgs* const* q, float* const* u) {
+  const T* x[kQuadItems];
+  for (int i = 0; i < kQuadItems; ++i) x[i] = static_cast<const T*>(q[i]->x) + q[i]->rows[0] * q[i]->x_row_stride;
+  by_active_items(q, [&](auto n, int64_t r_begin, int64_t r_end) {
+    quad_shrink_ranks<T, decltype(n)::value>(q, x, r_begin, r_end, u);
+  });
+  thread_local float sums[kQuadItems][kQuadColumns];
+  const int64_t d_out = q[0]->d_out;
+  for (int64_t c0 = 0; c0 < d_out; c0 += kQuadColumns) {
+    const int64_t cols = std::min(kQuadColumns, d_out - c0);
+    by_active_items(q, [&](auto n, int64_t r_begin, int64_t r_end) {
+      quad_expand_ranks<T, decltype(n)::value>(q, u, c0, cols, r_begin, r_end, sums);
+    });
+    for (int i = 0; i < kQuadItems; ++i) {
       T* o = static_cast<T*>(q[i]->out) + q[i]->rows[0] * q[i]->out_row_stride + c0;
       for (int64_t n = 0; n < cols; n += 16) {
         const __mmask16 m = first_lanes(cols - n);
@@ -453,12 +481,6 @@ void quad_expand(const ItemArgs* const* q, const float* const* u) {
       }
     }
   }
-}
-
-template <typename T>
-void quad(const ItemArgs* const* items, float* const* u) {
-  quad_shrink<T>(items, u);
-  quad_expand<T>(items, u);
 }
 
 // kDot: the bfloat16 shrink uses vdpbf16ps (AVX512-BF16); its sums differ from the widening

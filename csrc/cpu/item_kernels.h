@@ -40,19 +40,17 @@ struct ItemKernels {
   void (*shrink)(const ItemArgs&, const float* xs, int64_t rank_begin, int64_t rank_end, float* u);
   // out[rows[i], n] (+)= sum_r B[n, r] u[i, r] for col_begin <= n < col_end
   void (*expand)(const ItemArgs&, const float* u, int64_t col_begin, int64_t col_end);
-  // Shrink and expand of kQuadItems whole items that quad_fits(), in lockstep (u[i]: item i's
-  // rank floats); nullptr where this ISA has none. Same sums in the same order as shrink and
-  // expand, so the same results bit for bit.
+  // Shrink and expand of kQuadItems whole items that quad_fits(), ranks in descending order, in
+  // lockstep (u[i]: item i's rank floats); nullptr where this ISA has none. Same sums in the same
+  // order as shrink and expand, so the same results bit for bit.
   void (*quad)(const ItemArgs* const* items, float* const* u);
 };
 
-// Items run four at a time when they have one row each, the same rank and B rank-major: four
-// long streams through memory keep a core's loads in flight better than one item's sixteen
-// short ones (benchmarks/NOTES.md).
+// Items run four at a time when they have one row each and B rank-major: four long streams
+// through memory keep a core's loads in flight better than one item's sixteen short ones
+// (benchmarks/NOTES.md). Items of different ranks may share a group.
 constexpr int kQuadItems = 4;
-inline bool quad_fits(const ItemArgs& p, const ItemArgs& first) {
-  return p.count == 1 && p.b_out_stride == 1 && p.rank == first.rank && p.rank > 0;
-}
+inline bool quad_fits(const ItemArgs& p) { return p.count == 1 && p.b_out_stride == 1 && p.rank > 0; }
 
 // Steps of an item are split at multiples of these.
 constexpr int64_t kRankGroup = 8;

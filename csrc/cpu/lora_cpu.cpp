@@ -131,32 +131,28 @@ void run_whole_items(const ItemKernels& kernels, const std::vector<ItemArgs>& ar
     kernels.shrink(args[i], xs != nullptr ? xs + xs_offset[i] : nullptr, 0, args[i].rank, u + u_offset[i]);
     kernels.expand(args[i], u + u_offset[i], 0, args[i].d_out);
   };
-  std::vector<int64_t> quads;  // items that may run four at a time, by rank
+  std::vector<int64_t> quads;  // items that may run four at a time
   for (int64_t i = begin; i < end; ++i) {
     if (args[i].rank == 0) continue;
-    if (kernels.quad != nullptr && quad_fits(args[i], args[i])) {
+    if (kernels.quad != nullptr && quad_fits(args[i])) {
       quads.push_back(i);
     } else {
       run_one(i);
     }
   }
-  std::stable_sort(quads.begin(), quads.end(), [&](int64_t a, int64_t b) { return args[a].rank < args[b].rank; });
-  size_t j = 0;
-  while (j < quads.size()) {
-    const ItemArgs& first = args[quads[j]];
-    if (j + kQuadItems <= quads.size() && quad_fits(args[quads[j + kQuadItems - 1]], first)) {
-      const ItemArgs* group[kQuadItems];
-      float* group_u[kQuadItems];
-      for (int g = 0; g < kQuadItems; ++g) {
-        group[g] = &args[quads[j + g]];
-        group_u[g] = u + u_offset[quads[j + g]];
-      }
-      kernels.quad(group, group_u);
-      j += kQuadItems;
-    } else {
-      run_one(quads[j++]);
+  // Groups of similar ranks, each in descending order as the kernel wants; the last few alone.
+  std::stable_sort(quads.begin(), quads.end(), [&](int64_t a, int64_t b) { return args[a].rank > args[b].rank; });
+  const size_t grouped = quads.size() - quads.size() % kQuadItems;
+  for (size_t j = 0; j < grouped; j += kQuadItems) {
+    const ItemArgs* group[kQuadItems];
+    float* group_u[kQuadItems];
+    for (int g = 0; g < kQuadItems; ++g) {
+      group[g] = &args[quads[j + g]];
+      group_u[g] = u + u_offset[quads[j + g]];
     }
+    kernels.quad(group, group_u);
   }
+  for (size_t j = grouped; j < quads.size(); ++j) run_one(quads[j]);
 }
 
 // Three parallel phases over parts of items, so the work spreads over every thread even when
