@@ -5,6 +5,7 @@
 //   expand: B stored rank-major (stride 1 along d_out) is streamed along d_out with FMAs;
 //           B in PEFT's layout (stride 1 along the rank) is read in 16x16 blocks, transposed
 //           in registers, then the same FMAs along d_out.
+//   quad:   four one-row items in lockstep, one long stream through each item's A, then its B.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 

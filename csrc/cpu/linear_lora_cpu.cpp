@@ -62,7 +62,7 @@ void run_fused_linear(const BaseGemmArgs& gemm, const Batch& batch, const int32_
     const std::vector<int64_t> first = split_by_bytes(args, threads);
     base_gemm_columns(gemm, gemm.n * t / threads, gemm.n * (t + 1) / threads);
 #pragma omp barrier
-    run_whole_items(kernels, args, first[t], first[t + 1], nullptr, u_offset, u, u_offset);
+    run_whole_items(kernels, args, first[t], first[t + 1], /*xs=*/nullptr, /*xs_offset=*/{}, u, u_offset);
   }
 }
 

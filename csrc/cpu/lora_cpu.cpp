@@ -188,10 +188,9 @@ void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkI
     }
   });
   if (n >= kWholeItemsPerThread * at::get_num_threads()) {
-    // Enough items for every thread: each thread runs a contiguous range of whole items. Items
-    // come in slot order, so a thread streams through neighbouring slots' A and B and the
-    // hardware prefetcher follows; a burst of software prefetches for all of B at each item's
-    // start only got in its way (15-18% slower; benchmarks/NOTES.md).
+    // Enough items for every thread: each thread runs a contiguous range of whole items, decode
+    // items four at a time (run_whole_items). A burst of software prefetches for all of B at each
+    // item's start only got in the hardware prefetcher's way there (15-18% slower; benchmarks/NOTES.md).
     for (ItemArgs& item : args) item.prefetch_b = false;
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       run_whole_items(kernels, args, begin, end, xs, xs_offset, u, u_offset);
