@@ -7,7 +7,8 @@ Two parts, both float32, timed with the weights rotated over more than the last-
          torch.nn.functional.linear against linear_lora with no adapter rows (lora_ext's GEMM).
          This is what decides where the fused path is used (csrc/cpu/lora_cpu.cpp).
   model  one decode step's 28 layers of the built-in bench model (batch 32, 32 distinct rank-16
-         adapters): ATen linear alone, lora_ext GEMM alone, ATen linear + add_lora_, linear_lora.
+         adapters in slots of --max-rank rows, as patch_model stores them): ATen linear alone,
+         lora_ext GEMM alone, ATen linear + add_lora_, linear_lora.
          The LoRA work of each path is its time minus its own GEMM's; the floor is the adapter
          bytes over the measured bandwidth.
 """
@@ -72,15 +73,17 @@ def gemm_part(rounds):
     return results
 
 
-def model_part(rounds, bandwidth, slots=32, rank=16, rows=32):
+def model_part(rounds, bandwidth, max_rank, slots=32, rank=16, rows=32):
     layer_bytes = sum(d_in * d_out * 4 for d_in, d_out in MODEL_LAYERS)
     adapter_bytes = sum(slots * rank * (d_in + d_out) * 4 for d_in, d_out in MODEL_LAYERS)
-    copies = max(2, COLD_BYTES // (layer_bytes + adapter_bytes))
+    stored_bytes = adapter_bytes * max_rank // rank
+    copies = max(2, COLD_BYTES // (layer_bytes + stored_bytes))
     ids = torch.randperm(slots)[:rows]
     scales, ranks = torch.ones(slots), torch.full((slots,), rank, dtype=torch.int32)
     plan = lora_ext.build_plan(ids, slots)
-    sets = [[(torch.randn(rows, d_in), torch.randn(d_out, d_in), torch.randn(slots, rank, d_in),
-              torch.randn(slots, rank, d_out).transpose(1, 2)) for d_in, d_out in MODEL_LAYERS]
+    # Slots of max_rank rows with the adapter in the first `rank`, as lora_ext's layers store them.
+    sets = [[(torch.randn(rows, d_in), torch.randn(d_out, d_in), torch.randn(slots, max_rank, d_in),
+              torch.randn(slots, max_rank, d_out).transpose(1, 2)) for d_in, d_out in MODEL_LAYERS]
             for _ in range(copies)]
     none = torch.full((rows,), -1, dtype=torch.long)
     none_plan = lora_ext.build_plan(none, slots)
@@ -110,7 +113,8 @@ def model_part(rounds, bandwidth, slots=32, rank=16, rows=32):
                            rounds)
     ms = {k: v * 1e3 for k, v in t.items()}
     floor = adapter_bytes / bandwidth * 1e3
-    result = dict(layers=len(MODEL_LAYERS), rows=rows, adapters=slots, rank=rank, adapter_bytes=adapter_bytes,
+    result = dict(layers=len(MODEL_LAYERS), rows=rows, adapters=slots, rank=rank, max_rank=max_rank,
+                  adapter_bytes=adapter_bytes,
                   floor_ms=floor, step_ms=ms,
                   lora_work_unfused_ms=ms["aten_then_add_lora"] - ms["aten_linear"],
                   lora_work_fused_ms=ms["linear_lora"] - ms["lora_ext_gemm"],
@@ -125,6 +129,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-rank", type=int, default=64,
+                        help="rank rows per adapter slot in the model part (patch_model's default max_rank)")
+    parser.add_argument("--skip-gemm", action="store_true", help="only the model part")
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args(argv)
     if args.threads:
@@ -132,8 +139,8 @@ def main(argv=None):
     torch.manual_seed(0)
     bandwidth = measure_bandwidth("cpu")
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
-    result = dict(setup=machine_info("cpu"), bandwidth_bytes_per_s=bandwidth, model=model_part(args.rounds, bandwidth),
-                  gemm=gemm_part(args.rounds))
+    result = dict(setup=machine_info("cpu"), bandwidth_bytes_per_s=bandwidth, model=model_part(args.rounds, bandwidth, args.max_rank),
+                  gemm=None if args.skip_gemm else gemm_part(args.rounds))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1, default=str)
