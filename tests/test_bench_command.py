@@ -22,6 +22,14 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     assert result["setup"]["build"]["native"] and result["bandwidth_bytes_per_s"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "over/floor" in (tmp_path / "bench.txt").read_text()
+    # On CPU in float32 the fused GEMM runs alone in its own scenario, so the LoRA work is reported;
+    # the bandwidth is probed before each timed round.
+    rows = {row["scenario"]: row for row in result["rows"]}
+    gemm_only, ours = rows[bench.GEMM_ONLY], rows["lora_ext 4 adapters"]
+    work = ours["step_ms_per_round"][0] - gemm_only["step_ms_per_round"][0]
+    assert result["summary"]["lora_work_ms"] == pytest.approx(work)
+    assert result["summary"]["fused_gemm_saving_ms"] == pytest.approx(-gemm_only["overhead_ms"])
+    assert len(result["bandwidth_per_round_bytes_per_s"]) == 1 and result["bandwidth_per_round_bytes_per_s"][0] > 0
 
 
 def test_token_mismatch_exits_non_zero(tmp_path, monkeypatch):

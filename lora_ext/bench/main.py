@@ -20,7 +20,7 @@ import lora_ext
 from lora_ext.adapters.peft_format import read_config
 from lora_ext.bench import report
 from lora_ext.bench.fused_gemm import fusable_layers, op_without_adapters
-from lora_ext.bench.measure import machine_info, measure_bandwidth
+from lora_ext.bench.measure import BandwidthProbe, machine_info, measure_bandwidth
 from lora_ext.bench.runners import BatchRunner, SplitRunner, time_interleaved
 from lora_ext.bench.synthetic import DEFAULT_MODEL_CONFIG, build_default_model, load_local_model, make_adapters
 
@@ -169,13 +169,15 @@ def run(args):
     progress = tqdm(total=(args.repeats + 1) * (len(scenarios) + 2), desc="rounds", file=sys.stderr, leave=False)
     steps_of = slow_baseline_steps(args, scenarios)
     times = time_interleaved(timing_order(scenarios, n), ids, mask, args.new_tokens, args.repeats, args.device,
-                             progress, steps_of)
+                             progress, steps_of, probe=BandwidthProbe(args.device))
+    bandwidth_per_round = times.pop("probe")
     # Merged weights change the model, so that scenario runs in rounds of its own, against the base.
     mm.merge_adapter(main_names[0])
     merged = "1 adapter merged into the base"
     times.update(time_interleaved({merged: BatchRunner(lambda **kw: mm(**kw)),
                                    "base (merged rounds)": BatchRunner(base_model)},
                                   ids, mask, args.new_tokens, args.repeats, args.device, progress))
+    times.pop("probe")
     mm.unmerge_adapter()
     progress.close()
     scenarios[merged] = ("merged", None, [])
@@ -183,9 +185,10 @@ def run(args):
             for name, (kind, _, names) in scenarios.items()]
     for row in rows:
         row["decode_steps_per_round"] = steps_of.get(row["scenario"], args.new_tokens)
-    summary = summarize(rows, n)
+    summary = summarize(rows, n, bandwidth, bandwidth_per_round)
     result = dict(setup=machine_info(args.device), args=vars(args), model=args.model or DEFAULT_MODEL_CONFIG,
-                  bandwidth_bytes_per_s=bandwidth, correctness=correctness, rows=rows, summary=summary)
+                  bandwidth_bytes_per_s=bandwidth, bandwidth_per_round_bytes_per_s=bandwidth_per_round,
+                  correctness=correctness, rows=rows, summary=summary)
     table = report.format_table(rows)
     text = "\n".join([table, "", "columns:", report.column_help(), "", *summary["lines"]])
     print()
@@ -277,32 +280,48 @@ def scenario_row(name, kind, names, t, base, mm, bandwidth, args):
     return row
 
 
-def summarize(rows, n):
+def summarize(rows, n, bandwidth=None, bandwidth_per_round=()):
     """The target figures, and the LoRA work alone where the fused-GEMM scenario ran: the N-adapter
-    step minus the step of the same patched model with no adapter rows (median over rounds)."""
+    step minus the step of the same patched model with no adapter rows (median over rounds). Each
+    figure comes with its range over the rounds, and the bandwidth probed before each round, so a
+    reader sees how much a shared machine moved during the run."""
     by_name = {r["scenario"]: r for r in rows}
     ours = by_name.get(f"lora_ext {n} adapters") or by_name.get(f"lora_ext {n} adapter")
     gemm_only = by_name.get(GEMM_ONLY)
+    base = by_name.get("base model (no adapters)")
     peft = next((r for r in rows if r["kind"] == "peft"), None)
     lines, figures = [], {}
     if ours is not None:
         figures["overhead_over_floor"] = ours.get("overhead_over_floor")
         lines.append(f"lora_ext, {n} distinct adapters: decode overhead {ours['overhead_ms']:.2f} ms/step = "
                      f"{ours.get('overhead_over_floor', float('nan')):.2f}x the adapter-streaming floor "
-                     f"({ours.get('floor_ms', float('nan')):.2f} ms)")
+                     f"({ours.get('floor_ms', float('nan')):.2f} ms)" + _spread(ours, base))
     if ours is not None and gemm_only is not None and ours.get("floor_ms"):
         saving = -gemm_only["overhead_ms"]
         work = statistics.median(a - b for a, b in zip(ours["step_ms_per_round"], gemm_only["step_ms_per_round"]))
         figures.update(fused_gemm_saving_ms=saving, lora_work_ms=work, lora_work_over_floor=work / ours["floor_ms"])
         lines.append(f"  the same patched model with no adapter rows (lora_ext's base GEMM, no LoRA work) runs "
                      f"{saving:.2f} ms/step {'faster' if saving >= 0 else 'slower'} than the base model, so the "
-                     f"LoRA work alone costs {work:.2f} ms = {work / ours['floor_ms']:.2f}x the floor")
+                     f"LoRA work alone costs {work:.2f} ms = {work / ours['floor_ms']:.2f}x the floor"
+                     + _spread(ours, gemm_only))
     if ours is not None and peft is not None and peft["overhead_ms"] > 0:
         figures["overhead_vs_peft"] = ours["overhead_ms"] / peft["overhead_ms"]
         lines.append(f"PEFT mixed batch overhead {peft['overhead_ms']:.2f} ms/step: lora_ext's is "
                      f"{figures['overhead_vs_peft']:.3f} of it ({1 / max(figures['overhead_vs_peft'], 1e-9):.1f}x less)")
+    if bandwidth and bandwidth_per_round:
+        lines.append(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s at the start (the floor's), "
+                     f"{min(bandwidth_per_round) / 1e9:.1f}-{max(bandwidth_per_round) / 1e9:.1f} GB/s in a short probe "
+                     "before each round")
     figures["lines"] = lines
     return figures
+
+
+def _spread(row, reference):
+    """' (rounds: lo-hi ms)': the range over rounds of row's step minus reference's."""
+    if reference is None:
+        return ""
+    diffs = [a - b for a, b in zip(row["step_ms_per_round"], reference["step_ms_per_round"])]
+    return f" (rounds: {min(diffs):.2f} to {max(diffs):.2f} ms)"
 
 
 def main(argv=None):

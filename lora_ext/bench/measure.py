@@ -42,6 +42,36 @@ def measure_bandwidth(device):
     return 2 * n * 4 / median_seconds(lambda: y.copy_(x), min_time=0.5)
 
 
+class BandwidthProbe:
+    """A short read of 256 MiB (CPU: matrix-vector product, the fastest probe of measure_bandwidth;
+    CUDA: a device-to-device copy): bytes per second now, to see whether the machine's bandwidth
+    moved during a run (on a shared machine, other tenants take some of it)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        n = (256 << 20) // 4
+        if self.device.type == "cpu":
+            self.matrix, self.vector = torch.ones(n // 4096, 4096), torch.ones(4096)
+        else:
+            self.src = torch.ones(n, device=self.device)
+            self.dst = torch.empty_like(self.src)
+
+    def __call__(self):
+        best = 0.0
+        for _ in range(3):
+            if self.device.type == "cpu":
+                t0 = time.perf_counter()
+                torch.mv(self.matrix, self.vector)
+                best = max(best, self.matrix.numel() * 4 / (time.perf_counter() - t0))
+            else:
+                torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                self.dst.copy_(self.src)
+                torch.cuda.synchronize(self.device)
+                best = max(best, 2 * self.src.numel() * 4 / (time.perf_counter() - t0))
+        return best
+
+
 def git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

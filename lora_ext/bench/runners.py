@@ -62,15 +62,19 @@ def run_round(runner, ids, mask, new_tokens, device):
     return prefill, steps
 
 
-def time_interleaved(runners, ids, mask, new_tokens, repeats, device, progress=None, steps_of=None):
+def time_interleaved(runners, ids, mask, new_tokens, repeats, device, progress=None, steps_of=None, probe=None):
     """Times every runner in each of `repeats` rounds (after one warm-up round), interleaved so that
     drift in the machine's speed hits all of them alike. steps_of: {name: decode steps per round}
     for runners that take fewer than `new_tokens` (the slow baselines, whose steps vary little).
 
-    Returns {name: {"prefill": [per round], "step": [median step per round], "steps": [all steps]}}.
+    Returns {name: {"prefill": [per round], "step": [median step per round], "steps": [all steps]},
+             "probe": [probe result per round]}.
     """
     times = {name: {"prefill": [], "step": [], "steps": []} for name in runners}
+    times["probe"] = []
     for round_index in range(repeats + 1):
+        if probe is not None and round_index > 0:
+            times["probe"].append(probe())
         for name, runner in runners.items():
             if progress is not None:
                 progress.set_postfix_str(name)
