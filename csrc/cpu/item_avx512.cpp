@@ -434,6 +434,42 @@ void quad_shrink_ranks(const ItemArgs* const* q, const T* const* x, int64_t r_be
   }
 }
 
+// The bfloat16 shrink with AVX512-BF16, as shrink_block_dpbf16 computes it for one row (two
+// accumulator sets, 32 elements a step).
+template <int N>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+void quad_shrink_ranks_dpbf16(const ItemArgs* const* q, const c10::BFloat16* const* x, int64_t r_begin,
+                              int64_t r_end, float* const* u) {
+  const int64_t d_in = q[0]->d_in;
+  const __mmask32 all = 0xFFFFFFFFu;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const c10::BFloat16* a[N];
+#pragma GCC unroll 4
+    for (int i = 0; i < N; ++i) a[i] = static_cast<const c10::BFloat16*>(q[i]->a) + r * q[i]->a_rank_stride;
+    __m512 acc[2][N];
+#pragma GCC unroll 4
+    for (int i = 0; i < N; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
+    auto step = [&](int s, int64_t k, __mmask32 m) __attribute__((always_inline)) {
+#pragma GCC unroll 4
+      for (int i = 0; i < N; ++i) {
+        acc[s][i] = _mm512_dpbf16_ps(acc[s][i], (__m512bh)_mm512_maskz_loadu_epi16(m, a[i] + k),
+                                     (__m512bh)_mm512_maskz_loadu_epi16(m, x[i] + k));
+      }
+    };
+    int64_t k = 0;
+    for (; k + 64 <= d_in; k += 64) {
+      step(0, k, all);
+      step(1, k + 32, all);
+    }
+    for (; k < d_in; k += 32) {
+      const int64_t left = d_in - k;
+      step(0, k, left >= 32 ? all : static_cast<__mmask32>((1u << left) - 1u));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < N; ++i) u[i][r] = q[i]->scale * _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
+  }
+}
+
 // sums[i][:cols] (+)= sum over r in [r_begin, r_end) of u[i][r] * B_i[r, c0 : c0 + cols]; rank 0
 // starts the chain from zero.
 template <typename T, int N>
@@ -458,12 +494,17 @@ void quad_expand_ranks(const ItemArgs* const* q, const float* const* u, int64_t 
   }
 }
 
-template <typename T>
+// kDot: the bfloat16 shrink with vdpbf16ps, as the one-item kernel chosen with it.
+template <typename T, bool kDot>
 void quad(const ItemArgs* const* q, float* const* u) {
   const T* x[kQuadItems];
   for (int i = 0; i < kQuadItems; ++i) x[i] = static_cast<const T*>(q[i]->x) + q[i]->rows[0] * q[i]->x_row_stride;
   by_active_items(q, [&](auto n, int64_t r_begin, int64_t r_end) {
-    quad_shrink_ranks<T, decltype(n)::value>(q, x, r_begin, r_end, u);
+    if constexpr (kDot) {
+      quad_shrink_ranks_dpbf16<decltype(n)::value>(q, x, r_begin, r_end, u);
+    } else {
+      quad_shrink_ranks<T, decltype(n)::value>(q, x, r_begin, r_end, u);
+    }
   });
   thread_local float sums[kQuadItems][kQuadColumns];
   const int64_t d_out = q[0]->d_out;
@@ -484,11 +525,10 @@ void quad(const ItemArgs* const* q, float* const* u) {
   }
 }
 
-// kDot: the bfloat16 shrink uses vdpbf16ps (AVX512-BF16); its sums differ from the widening
-// quad shrink's, so that choice has no quad kernel.
+// kDot: the bfloat16 shrink uses vdpbf16ps (AVX512-BF16).
 template <typename T, bool kDot = false>
 ItemKernels kernels_for() {
-  return {nullptr, &shrink<T, kDot>, &expand<T>, kDot ? nullptr : &quad<T>};
+  return {nullptr, &shrink<T, kDot>, &expand<T>, &quad<T, kDot>};
 }
 
 }  // namespace
