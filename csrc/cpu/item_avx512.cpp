@@ -396,6 +396,7 @@ constexpr int64_t kQuadColumns = 1024;
 // N items take part: [rank[N], rank[N - 1]) with rank[kQuadItems] = 0.
 template <typename Run>
 void by_active_items(const ItemArgs* const* q, Run run) {
+  static_assert(kQuadItems == 4, "one segment per number of items taking part");
   int64_t r = 0;
   auto segment = [&](auto n) {
     const int64_t r_end = q[decltype(n)::value - 1]->rank;
