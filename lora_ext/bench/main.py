@@ -28,6 +28,7 @@ MIXED_RANKS = (8, 16, 32, 64)
 NO_FUSION = "LORA_EXT_CPU_NO_FUSED_LINEAR"  # turns off linear_lora's fused CPU path
 FUSED_MAX_ROWS = 64  # linear_lora fuses at most this many rows (csrc/cpu/linear_lora_cpu.cpp)
 GEMM_ONLY = "lora_ext op, no adapter rows"  # the fused base GEMM alone, in the model
+BASE = "base model (no adapters)"  # the ceiling every overhead is measured against
 
 
 def parse_args(argv):
@@ -142,7 +143,7 @@ def run(args):
         paths.update(mixed)
         mixed_names = list(mixed)
     n = args.num_adapters
-    groups = [(f"lora_ext {k} adapter{'s' if k > 1 else ''}", main_names[:k]) for k in sorted({1, min(8, n), n})]
+    groups = [(batch_scenario(k), main_names[:k]) for k in sorted({1, min(8, n), n})]
     if mixed_names:
         groups.append((f"lora_ext {n} adapters, ranks {'/'.join(map(str, MIXED_RANKS))}", mixed_names[:n]))
 
@@ -208,7 +209,7 @@ def run(args):
 
 def build_scenarios(args, base_model, mm, groups, names, paths, peft_wanted):
     """{scenario: (kind, runner, adapter name of each row)} for everything timed in shared rounds."""
-    scenarios = {"base model (no adapters)": ("base", BatchRunner(base_model), [])}
+    scenarios = {BASE: ("base", BatchRunner(base_model), [])}
     for scenario, group in groups:
         per_row = row_names(group, args.batch_size)
         scenarios[scenario] = ("lora_ext", BatchRunner(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw)), per_row)
@@ -228,12 +229,16 @@ def build_scenarios(args, base_model, mm, groups, names, paths, peft_wanted):
     return scenarios
 
 
+def batch_scenario(k):
+    """The name of the scenario that serves the batch with k distinct adapters through lora_ext."""
+    return f"lora_ext {k} adapter{'s' if k > 1 else ''}"
+
+
 def timing_order(scenarios, n):
     """{name: runner} in the order each round runs them: the base model, the N-adapter batch the
     targets compare with it and the fused GEMM alone (next to each other, so the machine's drift
     between them is smallest), then the rest."""
-    main = f"lora_ext {n} adapter{'s' if n > 1 else ''}"
-    first = ["base model (no adapters)", main, GEMM_ONLY]
+    first = [BASE, batch_scenario(n), GEMM_ONLY]
     order = first + [k for k in scenarios if k not in first]
     return {k: scenarios[k][1] for k in order if k in scenarios}
 
@@ -262,7 +267,7 @@ def without_fusion(call):
 
 
 def base_key(kind):
-    return "base (merged rounds)" if kind == "merged" else "base model (no adapters)"
+    return "base (merged rounds)" if kind == "merged" else BASE
 
 
 def scenario_row(name, kind, names, t, base, mm, bandwidth, args):
@@ -286,9 +291,9 @@ def summarize(rows, n, bandwidth=None, bandwidth_per_round=()):
     figure comes with its range over the rounds, and the bandwidth probed before each round, so a
     reader sees how much a shared machine moved during the run."""
     by_name = {r["scenario"]: r for r in rows}
-    ours = by_name.get(f"lora_ext {n} adapters") or by_name.get(f"lora_ext {n} adapter")
+    ours = by_name.get(batch_scenario(n))
     gemm_only = by_name.get(GEMM_ONLY)
-    base = by_name.get("base model (no adapters)")
+    base = by_name.get(BASE)
     peft = next((r for r in rows if r["kind"] == "peft"), None)
     lines, figures = [], {}
     if ours is not None:
