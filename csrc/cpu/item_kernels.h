@@ -26,8 +26,8 @@ struct ItemArgs {
   float scale;
   bool accumulate;
   // The shrink asks for (its share of) B ahead of the expand: worth it when an item is split
-  // over threads, not when whole items run back to back (lora_cpu.cpp).
-  bool prefetch_b = true;
+  // over threads (run_items turns it on there), not when whole items run back to back.
+  bool prefetch_b = false;
 };
 
 // The three steps of an item, each over a part of it so that several threads can share one

@@ -51,7 +51,6 @@ void run_fused_linear(const BaseGemmArgs& gemm, const Batch& batch, const int32_
   std::vector<int64_t> u_offset(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
     args[i] = item_args(batch, order, items[i]);
-    args[i].prefetch_b = false;  // whole items, as in run_items
     u_offset[i + 1] = u_offset[i] + args[i].count * args[i].rank;
   }
   thread_local ReusedBuffer u_buffer;

@@ -191,12 +191,13 @@ void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkI
     // Enough items for every thread: each thread runs a contiguous range of whole items, decode
     // items four at a time (run_whole_items). A burst of software prefetches for all of B at each
     // item's start only got in the hardware prefetcher's way there (15-18% slower; benchmarks/NOTES.md).
-    for (ItemArgs& item : args) item.prefetch_b = false;
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       run_whole_items(kernels, args, begin, end, xs, xs_offset, u, u_offset);
     });
     return;
   }
+  // Split items: each shrink task asks for its share of B, which the expand tasks read next.
+  for (ItemArgs& item : args) item.prefetch_b = true;
   const std::vector<Task> shrink_tasks = split_items(items, ranks, kRankGroup);
   at::parallel_for(0, static_cast<int64_t>(shrink_tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
