@@ -62,7 +62,7 @@ def check_op_args(op, x, lora_a, lora_b, slot_ids, scales=None, ranks=None, out=
         _check_values(op, slot_ids, ranks, slots, max_rank)
 
 
-def check_linear_args(x, weight, bias, lora_b, allow_float64=False):
+def check_linear_args(x, weight, bias, lora_b):
     """linear_lora's base layer: weight (d_out, d_in) and bias (d_out,), x's dtype and device."""
     op = "linear_lora"
     d_out, d_in = lora_b.shape[1], x.shape[1]
