@@ -133,14 +133,15 @@ int64_t index_at(const at::Tensor& t, int64_t i) {
                                      : t.data_ptr<int64_t>()[i * t.stride(0)];
 }
 
+void check_slot_id(int64_t row, int64_t id, int64_t num_slots) {
+  LORA_CHECK(id >= -1 && id < num_slots, "slot_ids[", row, "] = ", id,
+             " is out of range: slot ids must be -1 (no adapter) or in [0, ", num_slots - 1, "] for ",
+             num_slots, " slots");
+}
+
 void check_slot_and_rank_values(const at::Tensor& slot_ids, const c10::optional<at::Tensor>& ranks,
                                 const LoraSizes& s) {
-  for (int64_t t = 0; t < s.rows; ++t) {
-    int64_t id = index_at(slot_ids, t);
-    LORA_CHECK(id >= -1 && id < s.slots, "slot_ids[", t, "] = ", id,
-               " is out of range: slot ids must be -1 (no adapter) or in [0, ", s.slots - 1,
-               "] for ", s.slots, " slots");
-  }
+  for (int64_t t = 0; t < s.rows; ++t) check_slot_id(t, index_at(slot_ids, t), s.slots);
   if (!ranks.has_value()) return;
   for (int64_t slot = 0; slot < s.slots; ++slot) {
     int64_t r = index_at(*ranks, slot);

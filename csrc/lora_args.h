@@ -36,6 +36,9 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10:
 // ids[i] of an int32 or int64 CPU tensor with any stride, as int64.
 int64_t index_at(const at::Tensor& ids, int64_t i);
 
+// The one slot-id range check: -1 (no adapter) or a slot in [0, num_slots).
+void check_slot_id(int64_t row, int64_t id, int64_t num_slots);
+
 // Value checks that read slot ids and ranks (CPU tensors only: always done there).
 void check_slot_and_rank_values(const at::Tensor& slot_ids, const c10::optional<at::Tensor>& ranks,
                                 const LoraSizes& sizes);

@@ -5,7 +5,10 @@
 
 #include <string>
 
+#include "cpu/linear_lora_cpu.h"
 #include "generated_build_info.h"
+#include "kernel_config.h"
+#include "plan.h"
 
 // Importing lora_ext._C runs the static registrations below; the module itself is empty.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -16,6 +19,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 namespace lora_ext {
 namespace {
 std::string build_info() { return LORA_EXT_BUILD_DESC; }
+
+// Where each part of the plan starts for `num_slots` slots, and the tile sizes (see plan.h).
+std::vector<int64_t> plan_layout(int64_t num_slots) {
+  const PlanLayout layout{0, num_slots};
+  return {layout.offsets(), layout.decode_tiles(), layout.prefill_tiles(), layout.order(),
+          kDecodeTileRows, kPrefillTileRows};
+}
 }  // namespace
 
 TORCH_LIBRARY(lora_ext, m) {
@@ -30,6 +40,12 @@ TORCH_LIBRARY(lora_ext, m) {
       "linear_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor slot_ids, "
       "Tensor? scales=None, Tensor? ranks=None, Tensor? plan=None) -> Tensor");
   m.def("build_info() -> str", &build_info);
+  m.def("plan_layout(int num_slots) -> int[]", &plan_layout);
+  m.def("linear_lora_fuses(int rows, int d_in, ScalarType dtype) -> bool", &cpu::linear_lora_fuses);
+  m.def("get_kernel_config() -> (str[], str[])", &get_kernel_config);
+  m.def("set_kernel_config(str name, str value) -> ()", &set_kernel_config);
+  m.def("kernel_path_counts() -> (str[], int[])", &kernel_path_counts);
+  m.def("reset_kernel_path_counts() -> ()", &reset_kernel_path_counts);
 }
 
 }  // namespace lora_ext

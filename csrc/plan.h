@@ -11,10 +11,17 @@
 //
 // Bins: 0..S-1 are slots, S holds rows with slot -1 (no adapter), S+1 rows whose slot id is out
 // of range (only possible on CUDA, where ids are not checked on the host; those rows get NaN).
+// Python reads this layout through the plan_layout op; no other file restates it.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+
+#ifdef __CUDACC__
+#define LORA_HOST_DEVICE __host__ __device__
+#else
+#define LORA_HOST_DEVICE
+#endif
 
 namespace lora_ext {
 
@@ -25,14 +32,14 @@ struct PlanLayout {
   int64_t num_rows;
   int64_t num_slots;
 
-  int64_t num_bins() const { return num_slots + 2; }
-  int64_t no_adapter_bin() const { return num_slots; }
-  int64_t invalid_bin() const { return num_slots + 1; }
-  int64_t offsets() const { return 2; }
-  int64_t decode_tiles() const { return offsets() + num_bins() + 1; }
-  int64_t prefill_tiles() const { return decode_tiles() + num_bins() + 1; }
-  int64_t order() const { return prefill_tiles() + num_bins() + 1; }
-  int64_t size() const { return order() + num_rows; }
+  LORA_HOST_DEVICE int64_t num_bins() const { return num_slots + 2; }
+  LORA_HOST_DEVICE int64_t no_adapter_bin() const { return num_slots; }
+  LORA_HOST_DEVICE int64_t invalid_bin() const { return num_slots + 1; }
+  LORA_HOST_DEVICE int64_t offsets() const { return 2; }
+  LORA_HOST_DEVICE int64_t decode_tiles() const { return offsets() + num_bins() + 1; }
+  LORA_HOST_DEVICE int64_t prefill_tiles() const { return decode_tiles() + num_bins() + 1; }
+  LORA_HOST_DEVICE int64_t order() const { return prefill_tiles() + num_bins() + 1; }
+  LORA_HOST_DEVICE int64_t size() const { return order() + num_rows; }
 };
 
 // An upper bound of sum over bins of ceil(count / tile_rows), known on the host from shapes only:

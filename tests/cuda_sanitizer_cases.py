@@ -24,7 +24,7 @@ CASES = [
 
 def main():
     for path, dtype, rows, d_in, d_out, slots, max_rank, dist, b_layout, x_layout in CASES:
-        os.environ["LORA_EXT_CUDA_KERNEL"] = path
+        lora_ext.kernel_config.configure(cuda_kernel=path)
         inputs = make_inputs(rows, d_in, d_out, slots, max_rank, dtype, "cuda", dist, b_layout=b_layout,
                              x_layout=x_layout)
         expected, magnitude = reference64(inputs), magnitude64(inputs)

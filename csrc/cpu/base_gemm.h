@@ -1,6 +1,6 @@
 // The base layer's GEMM for linear_lora on CPU (float32, AVX-512): out = x W^T + bias for a
 // decode-sized x (a few dozen rows), one range of columns per thread. Run inside the same
-// parallel region as the LoRA items that follow it (lora_cpu.cpp), it saves a separate GEMM call
+// parallel region as the LoRA items that follow it (linear_lora_cpu.cpp), it saves a separate GEMM call
 // and its thread wake-ups; for these skinny shapes it also runs faster than ATen's GEMM here
 // (benchmarks/NOTES.md).
 #pragma once

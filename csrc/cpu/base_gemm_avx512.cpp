@@ -28,8 +28,8 @@ namespace cpu {
 
 namespace {
 
-constexpr int kTileRows = 4;
-constexpr int kTileCols = 6;
+constexpr int kGemmTileRows = 4;
+constexpr int kGemmTileCols = 6;
 
 // out[m0 .. m0 + MB, n0 .. n0 + NB) = x-rows . w-rows (+ bias)
 template <int MB, int NB>
@@ -75,19 +75,19 @@ constexpr std::array<TileFn, sizeof...(NB)> row_of_tiles(std::integer_sequence<i
 }
 
 // kTiles[rows - 1][cols - 1]
-const std::array<std::array<TileFn, kTileCols>, kTileRows> kTiles = {
-    row_of_tiles<1>(std::make_integer_sequence<int, kTileCols>{}),
-    row_of_tiles<2>(std::make_integer_sequence<int, kTileCols>{}),
-    row_of_tiles<3>(std::make_integer_sequence<int, kTileCols>{}),
-    row_of_tiles<4>(std::make_integer_sequence<int, kTileCols>{})};
+const std::array<std::array<TileFn, kGemmTileCols>, kGemmTileRows> kTiles = {
+    row_of_tiles<1>(std::make_integer_sequence<int, kGemmTileCols>{}),
+    row_of_tiles<2>(std::make_integer_sequence<int, kGemmTileCols>{}),
+    row_of_tiles<3>(std::make_integer_sequence<int, kGemmTileCols>{}),
+    row_of_tiles<4>(std::make_integer_sequence<int, kGemmTileCols>{})};
 
 }  // namespace
 
 void base_gemm_columns(const BaseGemmArgs& g, int64_t n_begin, int64_t n_end) {
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileCols) {
-    const int64_t cols = std::min<int64_t>(kTileCols, n_end - n0);
-    for (int64_t m0 = 0; m0 < g.m; m0 += kTileRows) {
-      const int64_t rows = std::min<int64_t>(kTileRows, g.m - m0);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kGemmTileCols) {
+    const int64_t cols = std::min<int64_t>(kGemmTileCols, n_end - n0);
+    for (int64_t m0 = 0; m0 < g.m; m0 += kGemmTileRows) {
+      const int64_t rows = std::min<int64_t>(kGemmTileRows, g.m - m0);
       kTiles[rows - 1][cols - 1](g, m0, n0);
     }
   }

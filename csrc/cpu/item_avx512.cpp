@@ -10,7 +10,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "cpu/item_kernels.h"
@@ -58,21 +57,21 @@ inline void prefetch_lines(const void* p, int64_t bytes) {
 }
 
 // 16 lanes as float32, the lanes outside `m` zero (never read from memory).
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const c10::Half* p, __mmask16 m) {
+inline __m512 load_16_lanes(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_16_lanes(const c10::Half* p, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
-inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+inline __m512 load_16_lanes(const c10::BFloat16* p, __mmask16 m) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
+inline void store_16_lanes(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store_16_lanes(c10::Half* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 // Round to nearest even, NaN stays a quiet NaN: the same rounding as c10::BFloat16.
-inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+inline void store_16_lanes(c10::BFloat16* p, __m512 v, __mmask16 m) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
@@ -115,10 +114,10 @@ void shrink_block(const ItemArgs& p, const float* /*xs: unused, x is read direct
   auto step = [&](int s, int64_t k, __mmask16 m) {
     __m512 xv[NT];
 #pragma GCC unroll 4
-    for (int i = 0; i < NT; ++i) xv[i] = load16(x_rows[i] + k, m);
+    for (int i = 0; i < NT; ++i) xv[i] = load_16_lanes(x_rows[i] + k, m);
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
-      const __m512 av = load16(a + j * p.a_rank_stride + k, m);
+      const __m512 av = load_16_lanes(a + j * p.a_rank_stride + k, m);
 #pragma GCC unroll 4
       for (int i = 0; i < NT; ++i) acc[s][j][i] = _mm512_fmadd_ps(av, xv[i], acc[s][j][i]);
     }
@@ -217,8 +216,8 @@ void store_rows(const ItemArgs& p, int64_t t0, int64_t n0, const __m512 (&acc)[N
       const __mmask16 m = first_lanes(p.d_out - n0 - 16 * v);
       if (m == 0) break;
       __m512 value = acc[i][v];
-      if (p.accumulate) value = _mm512_add_ps(load16(o + 16 * v, m), value);
-      store16(o + 16 * v, value, m);
+      if (p.accumulate) value = _mm512_add_ps(load_16_lanes(o + 16 * v, m), value);
+      store_16_lanes(o + 16 * v, value, m);
     }
   }
 }
@@ -240,7 +239,7 @@ void expand_rank_major_block(const ItemArgs& p, const float* u, int64_t t0, int6
     prefetch_lines(b + r * p.b_rank_stride + kRankMajorCols, 16 * NV * sizeof(T));  // the next block
     __m512 bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = load16(b + r * p.b_rank_stride + 16 * v, m[v]);
+    for (int v = 0; v < NV; ++v) bv[v] = load_16_lanes(b + r * p.b_rank_stride + 16 * v, m[v]);
 #pragma GCC unroll 4
     for (int i = 0; i < NT; ++i) {
       const __m512 ur = _mm512_set1_ps(u[(t0 + i) * p.rank + r]);
@@ -309,7 +308,7 @@ void expand_peft_block(const ItemArgs& p, const float* u, int64_t t0, int64_t n0
     __m512 block[16];  // block[c] lane r = B[n0 + c, r0 + r]; then transposed
 #pragma GCC unroll 16
     for (int c = 0; c < 16; ++c) {
-      block[c] = c < cols ? load16(b + c * p.b_out_stride + r0, m) : _mm512_setzero_ps();
+      block[c] = c < cols ? load_16_lanes(b + c * p.b_out_stride + r0, m) : _mm512_setzero_ps();
     }
     transpose16(block);  // block[r] lane c = B[n0 + c, r0 + r]; lanes of ranks >= rank are 0
     const float* u_block = u + t0 * p.rank + r0;
@@ -422,7 +421,7 @@ void quad_shrink_ranks(const ItemArgs* const* q, const T* const* x, int64_t r_be
     for (int i = 0; i < N; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
     auto step = [&](int s, int64_t k, __mmask16 m) __attribute__((always_inline)) {
 #pragma GCC unroll 4
-      for (int i = 0; i < N; ++i) acc[s][i] = _mm512_fmadd_ps(load16(a[i] + k, m), load16(x[i] + k, m), acc[s][i]);
+      for (int i = 0; i < N; ++i) acc[s][i] = _mm512_fmadd_ps(load_16_lanes(a[i] + k, m), load_16_lanes(x[i] + k, m), acc[s][i]);
     };
     int64_t k = 0;
     for (; k + 32 <= d_in; k += 32) {
@@ -489,7 +488,7 @@ void quad_expand_ranks(const ItemArgs* const* q, const float* const* u, int64_t 
 #pragma GCC unroll 4
       for (int i = 0; i < N; ++i) {
         const __m512 prior = r == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sums[i] + n);
-        _mm512_storeu_ps(sums[i] + n, _mm512_fmadd_ps(ur[i], load16(b[i] + n, m), prior));
+        _mm512_storeu_ps(sums[i] + n, _mm512_fmadd_ps(ur[i], load_16_lanes(b[i] + n, m), prior));
       }
     }
   }
@@ -519,8 +518,8 @@ void quad(const ItemArgs* const* q, float* const* u) {
       for (int64_t n = 0; n < cols; n += 16) {
         const __mmask16 m = first_lanes(cols - n);
         __m512 value = _mm512_loadu_ps(sums[i] + n);
-        if (q[i]->accumulate) value = _mm512_add_ps(load16(o + n, m), value);
-        store16(o + n, value, m);
+        if (q[i]->accumulate) value = _mm512_add_ps(load_16_lanes(o + n, m), value);
+        store_16_lanes(o + n, value, m);
       }
     }
   }
@@ -529,7 +528,8 @@ void quad(const ItemArgs* const* q, float* const* u) {
 // kDot: the bfloat16 shrink uses vdpbf16ps (AVX512-BF16).
 template <typename T, bool kDot = false>
 ItemKernels kernels_for() {
-  return {nullptr, &shrink<T, kDot>, &expand<T>, &quad<T, kDot>};
+  return {nullptr, &shrink<T, kDot>, &expand<T>, &quad<T, kDot>,
+          kDot ? KernelPath::kCpuItemsAvx512Bf16 : KernelPath::kCpuItemsAvx512};
 }
 
 }  // namespace
@@ -540,7 +540,7 @@ ItemKernels kernels_for() {
 
 bool avx512_item_kernels(c10::ScalarType dtype, const ItemArgs& example, ItemKernels* kernels) {
 #ifdef LORA_EXT_HAVE_AVX512_KERNEL
-  static_assert(kColumnChunk % kRankMajorCols == 0 && kRankGroup % kRanksPerPass == 0,
+  static_assert(kExpandTaskColumns % kRankMajorCols == 0 && kShrinkTaskRanks % kRanksPerPass == 0,
                 "work is split where the kernel's blocks start");
   const bool strides_fit = example.x_col_stride == 1 && example.a_col_stride == 1 &&
                            example.out_col_stride == 1 &&
@@ -550,8 +550,8 @@ bool avx512_item_kernels(c10::ScalarType dtype, const ItemArgs& example, ItemKer
     case c10::ScalarType::Float: *kernels = kernels_for<float>(); break;
     case c10::ScalarType::Half: *kernels = kernels_for<c10::Half>(); break;
     default:
-      // LORA_EXT_CPU_NO_DPBF16 keeps the widening bfloat16 path (tests cover both that way).
-      *kernels = cpu_has_avx512_bf16() && std::getenv("LORA_EXT_CPU_NO_DPBF16") == nullptr
+      // The cpu_avx512_bf16 setting "off" keeps the widening bfloat16 path (tests cover both).
+      *kernels = cpu_has_avx512_bf16() && setting(Setting::kCpuAvx512Bf16) != 0
                      ? kernels_for<c10::BFloat16, true>()
                      : kernels_for<c10::BFloat16, false>();
   }

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "kernel_config.h"
+
 namespace lora_ext {
 namespace cpu {
 
@@ -44,6 +46,8 @@ struct ItemKernels {
   // lockstep (u[i]: item i's rank floats); nullptr where this ISA has none. Same sums in the same
   // order as shrink and expand, so the same results bit for bit.
   void (*quad)(const ItemArgs* const* items, float* const* u);
+  // Which kernels these are, for the record of paths that ran (kernel_config.h).
+  KernelPath path;
 };
 
 // Items run four at a time when they have one row each and B rank-major: four long streams
@@ -52,9 +56,10 @@ struct ItemKernels {
 constexpr int kQuadItems = 4;
 inline bool quad_fits(const ItemArgs& p) { return p.count == 1 && p.b_out_stride == 1 && p.rank > 0; }
 
-// Steps of an item are split at multiples of these.
-constexpr int64_t kRankGroup = 8;
-constexpr int64_t kColumnChunk = 256;
+// When items are split over threads, a shrink task covers this many ranks of one item and an
+// expand task this many output columns.
+constexpr int64_t kShrinkTaskRanks = 8;
+constexpr int64_t kExpandTaskColumns = 256;
 
 ItemKernels portable_item_kernels(c10::ScalarType dtype);
 // False when this build or this CPU has no AVX-512, or the strides do not suit it.

@@ -10,10 +10,10 @@
 
 #include <omp.h>
 
-#include <cstdlib>
 #include <vector>
 
 #include "cpu/base_gemm.h"
+#include "cpu/linear_lora_cpu.h"
 #include "cpu/item_kernels.h"
 #include "cpu/work.h"
 #include "lora_args.h"
@@ -21,12 +21,17 @@
 
 namespace lora_ext {
 namespace cpu {
-namespace {
 
-// Batches of up to 32 rows run fused, and up to 64 rows when d_in <= 4096: there the fused GEMM
-// measured faster than ATen's (0.5-0.9x its time); beyond, ATen's GEMM then add_lora_ is the
-// better plan (benchmarks/NOTES.md).
-bool fused_gemm_shape(int64_t rows, int64_t d_in) { return rows <= 32 || (rows <= 64 && d_in <= 4096); }
+// The fusion rule. Batches of up to 32 rows, and up to 64 rows when d_in <= 4096: there lora_ext's
+// GEMM measured faster than ATen's; beyond, ATen's GEMM then the deltas is the better plan
+// (benchmarks/NOTES.md). Float32 only, and only with the AVX-512 kernels.
+bool linear_lora_fuses(int64_t rows, int64_t d_in, at::ScalarType dtype) {
+  const bool shape = rows <= 32 || (rows <= 64 && d_in <= 4096);
+  return shape && dtype == at::kFloat && setting(Setting::kCpuFusedLinear) != 0 && cpu_has_avx512() &&
+         !portable_forced();
+}
+
+namespace {
 
 // The first item of each thread's share, splitting the items' adapter bytes evenly.
 std::vector<int64_t> split_by_bytes(const std::vector<ItemArgs>& args, int64_t threads) {
@@ -44,13 +49,13 @@ std::vector<int64_t> split_by_bytes(const std::vector<ItemArgs>& args, int64_t t
 
 // One parallel region: each thread computes its columns of x W^T + bias, then, after a barrier
 // (every column of every row is written), adds the deltas of its share of the items.
-void run_fused_linear(const BaseGemmArgs& gemm, const Batch& batch, const int32_t* order,
+void run_fused_linear(const BaseGemmArgs& gemm, const LoraCall& call, const int32_t* order,
                       const std::vector<WorkItem>& items, const ItemKernels& kernels) {
   const int64_t n = static_cast<int64_t>(items.size());
   std::vector<ItemArgs> args(n);
   std::vector<int64_t> u_offset(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
-    args[i] = item_args(batch, order, items[i]);
+    args[i] = item_args(call, order, items[i]);
     u_offset[i + 1] = u_offset[i] + args[i].count * args[i].rank;
   }
   thread_local ReusedBuffer u_buffer;
@@ -65,16 +70,13 @@ void run_fused_linear(const BaseGemmArgs& gemm, const Batch& batch, const int32_
   }
 }
 
-// Whether linear_lora runs fused here: float32, unit strides along rows, decode-sized batches
-// whose slots all take the item path, AVX-512 item kernels that read x directly.
+// Whether this call runs fused: the fusion rule, unit strides along rows, every slot on the item
+// path, and item kernels that read x directly.
 bool fused_linear_fits(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        const LoraSizes& sizes, const Work& work, const ItemKernels& kernels) {
-  const bool float32 = x.scalar_type() == at::kFloat;
   const bool strides = x.stride(1) == 1 && weight.stride(1) == 1 && (!bias || bias->stride(0) == 1);
-  const bool shapes = fused_gemm_shape(sizes.rows, sizes.d_in) && work.gemm_segments.empty();
-  // LORA_EXT_CPU_NO_FUSED_LINEAR=1 turns fusion off (tests compare both paths that way).
-  const bool items_direct = kernels.rows_to_float == nullptr && std::getenv("LORA_EXT_CPU_NO_FUSED_LINEAR") == nullptr;
-  return float32 && strides && shapes && items_direct && cpu_has_avx512() && !portable_forced();
+  return linear_lora_fuses(sizes.rows, sizes.d_in, x.scalar_type()) && strides && work.gemm_segments.empty() &&
+         kernels.rows_to_float == nullptr;
 }
 
 at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -89,21 +91,24 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const at::Tensor plan = plan_for(slot_ids, plan_arg, sizes);
   const PlanLayout layout{sizes.rows, sizes.slots};
   const int32_t* order = plan.data_ptr<int32_t>() + layout.order();
-  const Batch batch{x, lora_a, lora_b, out, scales, ranks, sizes, /*accumulate=*/true};
-  const Work work = collect_work(batch, plan.data_ptr<int32_t>() + layout.offsets(), layout);
+  const LoraCall call{x, lora_a, lora_b, out, scales, ranks, sizes, /*accumulate=*/true};
+  const Work work = collect_work(call, plan.data_ptr<int32_t>() + layout.offsets(), layout);
   const ItemKernels kernels = work.items.empty() ? ItemKernels{} : choose_item_kernels(x.scalar_type(),
-                                                                                     item_args(batch, order, work.items[0]));
+                                                                                     item_args(call, order, work.items[0]));
   if (!fused_linear_fits(x, weight, bias, sizes, work, kernels)) {
-    // at::linear rather than at::linear_out into `out`: the out variant measured ~5% slower here.
-    // `batch` holds `out` by reference, so the deltas go into the new tensor.
+    count_path(KernelPath::kCpuLinearUnfused);
+    // at::linear rather than at::linear_out into `out`: the out variant measured slower here
+    // (benchmarks/NOTES.md). `call` holds `out` by reference, so the deltas go into the new tensor.
     out = at::linear(x, weight, bias);
-    run_work(batch, plan, layout, work);
+    run_work(call, plan, layout, work);
     return out;
   }
   const BaseGemmArgs gemm{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), weight.stride(0),
                           bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), out.stride(0),
                           sizes.rows, sizes.d_out, sizes.d_in};
-  run_fused_linear(gemm, batch, order, work.items, kernels);
+  count_path(KernelPath::kCpuLinearFused);
+  if (!work.items.empty()) count_path(kernels.path);
+  run_fused_linear(gemm, call, order, work.items, kernels);
   return out;
 }
 

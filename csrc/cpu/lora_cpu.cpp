@@ -10,9 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "checks.h"
@@ -30,20 +28,10 @@ namespace {
 
 // With at least this many items per thread, items run whole; with fewer, their parts are split.
 constexpr int64_t kWholeItemsPerThread = 4;
-// Slots with at least this many rows take the GEMM path (LORA_EXT_CPU_GEMM_MIN_ROWS overrides).
-constexpr int64_t kDefaultGemmMinRows = 64;
-
-int64_t gemm_min_rows() {
-  const char* value = std::getenv("LORA_EXT_CPU_GEMM_MIN_ROWS");
-  return value != nullptr ? std::atoll(value) : kDefaultGemmMinRows;
-}
 
 }  // namespace
 
-bool portable_forced() {
-  const char* isa = std::getenv("LORA_EXT_CPU_ISA");
-  return isa != nullptr && std::strcmp(isa, "portable") == 0;
-}
+bool portable_forced() { return setting(Setting::kCpuIsa) == kCpuIsaPortable; }
 
 ItemKernels choose_item_kernels(at::ScalarType dtype, const ItemArgs& example) {
   ItemKernels kernels;
@@ -51,22 +39,22 @@ ItemKernels choose_item_kernels(at::ScalarType dtype, const ItemArgs& example) {
   return portable_item_kernels(dtype);
 }
 
-ItemArgs item_args(const Batch& batch, const int32_t* order, const WorkItem& item) {
-  const at::Tensor &x = batch.x, &a = batch.lora_a, &b = batch.lora_b, &out = batch.out;
+ItemArgs item_args(const LoraCall& call, const int32_t* order, const WorkItem& item) {
+  const at::Tensor &x = call.x, &a = call.lora_a, &b = call.lora_b, &out = call.out;
   const int64_t slot = std::max<int64_t>(item.slot, 0);
   const int64_t elem = x.element_size();
   return ItemArgs{x.data_ptr(), x.stride(0), x.stride(1), order + item.first, item.count,
                   static_cast<const char*>(a.data_ptr()) + slot * a.stride(0) * elem, a.stride(1), a.stride(2),
                   static_cast<const char*>(b.data_ptr()) + slot * b.stride(0) * elem, b.stride(1), b.stride(2),
-                  out.data_ptr(), out.stride(0), out.stride(1), batch.sizes.d_in, batch.sizes.d_out,
-                  item.slot >= 0 ? batch.rank_of(slot) : 0, item.slot >= 0 ? batch.scale_of(slot) : 0.f,
-                  batch.accumulate};
+                  out.data_ptr(), out.stride(0), out.stride(1), call.sizes.d_in, call.sizes.d_out,
+                  item.slot >= 0 ? call.rank_of(slot) : 0, item.slot >= 0 ? call.scale_of(slot) : 0.f,
+                  call.accumulate};
 }
 
 namespace {
 
-void zero_rows(const Batch& batch, const int32_t* order, const WorkItem& item) {
-  const at::Tensor& out = batch.out;
+void zero_rows(const LoraCall& call, const int32_t* order, const WorkItem& item) {
+  const at::Tensor& out = call.out;
   const int64_t elem = out.element_size();
   for (int64_t i = 0; i < item.count; ++i) {
     const int64_t row = order[item.first + i];
@@ -80,25 +68,25 @@ void zero_rows(const Batch& batch, const int32_t* order, const WorkItem& item) {
 
 }  // namespace
 
-void run_gemm_segment(const Batch& batch, const at::Tensor& plan_order, const WorkItem& seg) {
+void run_gemm_segment(const LoraCall& call, const at::Tensor& plan_order, const WorkItem& seg) {
   const int32_t* order = plan_order.data_ptr<int32_t>() + seg.first;
-  const int64_t rank = batch.rank_of(seg.slot);
-  const double scale = batch.scale_of(seg.slot);
-  const at::Tensor a = batch.lora_a.select(0, seg.slot).narrow(0, 0, rank);  // (rank, d_in)
-  const at::Tensor b = batch.lora_b.select(0, seg.slot).narrow(1, 0, rank);  // (d_out, rank)
+  const int64_t rank = call.rank_of(seg.slot);
+  const double scale = call.scale_of(seg.slot);
+  const at::Tensor a = call.lora_a.select(0, seg.slot).narrow(0, 0, rank);  // (rank, d_in)
+  const at::Tensor b = call.lora_b.select(0, seg.slot).narrow(1, 0, rank);  // (d_out, rank)
   const bool consecutive = order[seg.count - 1] - order[0] == seg.count - 1;  // order ascends
   if (consecutive) {
-    const at::Tensor u = at::mm(batch.x.narrow(0, order[0], seg.count), a.t());
-    at::Tensor out_rows = batch.out.narrow(0, order[0], seg.count);
-    out_rows.addmm_(u, b.t(), /*beta=*/batch.accumulate ? 1 : 0, /*alpha=*/scale);
+    const at::Tensor u = at::mm(call.x.narrow(0, order[0], seg.count), a.t());
+    at::Tensor out_rows = call.out.narrow(0, order[0], seg.count);
+    out_rows.addmm_(u, b.t(), /*beta=*/call.accumulate ? 1 : 0, /*alpha=*/scale);
     return;
   }
   const at::Tensor rows = plan_order.narrow(0, seg.first, seg.count).to(at::kLong);
-  const at::Tensor delta = at::mm(at::mm(batch.x.index_select(0, rows), a.t()), b.t()).mul_(scale);
-  if (batch.accumulate) {
-    batch.out.index_add_(0, rows, delta);
+  const at::Tensor delta = at::mm(at::mm(call.x.index_select(0, rows), a.t()), b.t()).mul_(scale);
+  if (call.accumulate) {
+    call.out.index_add_(0, rows, delta);
   } else {
-    batch.out.index_copy_(0, rows, delta);
+    call.out.index_copy_(0, rows, delta);
   }
 }
 
@@ -143,6 +131,7 @@ void run_whole_items(const ItemKernels& kernels, const std::vector<ItemArgs>& ar
   // Groups of similar ranks, each in descending order as the kernel wants; the last few alone.
   std::stable_sort(quads.begin(), quads.end(), [&](int64_t a, int64_t b) { return args[a].rank > args[b].rank; });
   const size_t grouped = quads.size() - quads.size() % kQuadItems;
+  if (grouped > 0) count_path(KernelPath::kCpuItemsQuad);
   for (size_t j = 0; j < grouped; j += kQuadItems) {
     const ItemArgs* group[kQuadItems];
     float* group_u[kQuadItems];
@@ -158,17 +147,19 @@ void run_whole_items(const ItemKernels& kernels, const std::vector<ItemArgs>& ar
 // Three parallel phases over parts of items, so the work spreads over every thread even when
 // the batch has fewer items than threads: rows to float32, shrink by rank groups, expand by
 // column chunks. Items without an adapter are zeroed (lora_delta) in the first phase.
-void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkItem>& items) {
+void run_items(const LoraCall& call, const int32_t* order, const std::vector<WorkItem>& items) {
   const int64_t n = static_cast<int64_t>(items.size());
   std::vector<ItemArgs> args(n);
   std::vector<int64_t> xs_offset(n + 1, 0), u_offset(n + 1, 0), ranks(n), columns(n);
   for (int64_t i = 0; i < n; ++i) {
-    args[i] = item_args(batch, order, items[i]);
+    args[i] = item_args(call, order, items[i]);
     ranks[i] = args[i].rank;
-    columns[i] = args[i].rank > 0 ? batch.sizes.d_out : 0;
+    columns[i] = args[i].rank > 0 ? call.sizes.d_out : 0;
     u_offset[i + 1] = u_offset[i] + args[i].count * args[i].rank;
   }
-  const ItemKernels kernels = choose_item_kernels(batch.x.scalar_type(), args[0]);
+  const ItemKernels kernels = choose_item_kernels(call.x.scalar_type(), args[0]);
+  const bool lora_work = std::any_of(args.begin(), args.end(), [](const ItemArgs& a) { return a.rank > 0; });
+  if (lora_work) count_path(kernels.path);  // not for a call that only zeroes rows
   for (int64_t i = 0; i < n; ++i) {  // float32 copies of x's rows, for kernels that want them
     const bool wanted = kernels.rows_to_float != nullptr && args[i].rank > 0;
     xs_offset[i + 1] = xs_offset[i] + (wanted ? args[i].count * args[i].d_in : 0);
@@ -181,7 +172,7 @@ void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkI
   at::parallel_for(0, n, xs_offset[n] == 0 ? n : rows_grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (items[i].slot < 0) {
-        zero_rows(batch, order, items[i]);
+        zero_rows(call, order, items[i]);
       } else if (kernels.rows_to_float != nullptr && args[i].rank > 0) {
         kernels.rows_to_float(args[i], xs + xs_offset[i]);
       }
@@ -190,15 +181,16 @@ void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkI
   if (n >= kWholeItemsPerThread * at::get_num_threads()) {
     // Enough items for every thread: each thread runs a contiguous range of whole items, decode
     // items four at a time (run_whole_items). A burst of software prefetches for all of B at each
-    // item's start only got in the hardware prefetcher's way there (15-18% slower; benchmarks/NOTES.md).
+    // item's start only got in the hardware prefetcher's way there (slower; benchmarks/NOTES.md).
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       run_whole_items(kernels, args, begin, end, xs, xs_offset, u, u_offset);
     });
     return;
   }
   // Split items: each shrink task asks for its share of B, which the expand tasks read next.
+  if (lora_work) count_path(KernelPath::kCpuItemsSplit);
   for (ItemArgs& item : args) item.prefetch_b = true;
-  const std::vector<Task> shrink_tasks = split_items(items, ranks, kRankGroup);
+  const std::vector<Task> shrink_tasks = split_items(items, ranks, kShrinkTaskRanks);
   at::parallel_for(0, static_cast<int64_t>(shrink_tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = shrink_tasks[t];
@@ -206,7 +198,7 @@ void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkI
                      u + u_offset[task.item]);
     }
   });
-  const std::vector<Task> expand_tasks = split_items(items, columns, kColumnChunk);
+  const std::vector<Task> expand_tasks = split_items(items, columns, kExpandTaskColumns);
   at::parallel_for(0, static_cast<int64_t>(expand_tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = expand_tasks[t];
@@ -215,15 +207,15 @@ void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkI
   });
 }
 
-Work collect_work(const Batch& batch, const int32_t* offsets, const PlanLayout& layout) {
+Work collect_work(const LoraCall& call, const int32_t* offsets, const PlanLayout& layout) {
   Work work;
-  const int64_t gemm_rows = gemm_min_rows();
+  const int64_t gemm_rows = setting(Setting::kCpuGemmMinRows);
   for (int64_t bin = 0; bin <= layout.no_adapter_bin(); ++bin) {
     const int64_t begin = offsets[bin], end = offsets[bin + 1];
     if (begin == end) continue;
-    const bool no_work = bin == layout.no_adapter_bin() || batch.rank_of(bin) == 0;  // zero rows
+    const bool no_work = bin == layout.no_adapter_bin() || call.rank_of(bin) == 0;  // zero rows
     if (no_work) {
-      if (!batch.accumulate) work.items.push_back({-1, begin, end - begin});
+      if (!call.accumulate) work.items.push_back({-1, begin, end - begin});
     } else if (end - begin >= gemm_rows) {
       work.gemm_segments.push_back({bin, begin, end - begin});
     } else {
@@ -239,10 +231,11 @@ at::Tensor plan_for(const at::Tensor& slot_ids, const c10::optional<at::Tensor>&
   return plan_arg.has_value() ? *plan_arg : build_plan_cpu(slot_ids, sizes.slots);
 }
 
-void run_work(const Batch& batch, const at::Tensor& plan, const PlanLayout& layout, const Work& work) {
-  const at::Tensor plan_order = plan.narrow(0, layout.order(), batch.sizes.rows);
-  for (const WorkItem& seg : work.gemm_segments) run_gemm_segment(batch, plan_order, seg);
-  if (!work.items.empty()) run_items(batch, plan_order.data_ptr<int32_t>(), work.items);
+void run_work(const LoraCall& call, const at::Tensor& plan, const PlanLayout& layout, const Work& work) {
+  const at::Tensor plan_order = plan.narrow(0, layout.order(), call.sizes.rows);
+  if (!work.gemm_segments.empty()) count_path(KernelPath::kCpuGemmSegments);
+  for (const WorkItem& seg : work.gemm_segments) run_gemm_segment(call, plan_order, seg);
+  if (!work.items.empty()) run_items(call, plan_order.data_ptr<int32_t>(), work.items);
 }
 
 namespace {
@@ -256,8 +249,8 @@ void run_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a
   if (sizes.rows == 0) return;
   const at::Tensor plan = plan_for(slot_ids, plan_arg, sizes);
   const PlanLayout layout{sizes.rows, sizes.slots};
-  const Batch batch{x, lora_a, lora_b, out, scales, ranks, sizes, accumulate};
-  run_work(batch, plan, layout, collect_work(batch, plan.data_ptr<int32_t>() + layout.offsets(), layout));
+  const LoraCall call{x, lora_a, lora_b, out, scales, ranks, sizes, accumulate};
+  run_work(call, plan, layout, collect_work(call, plan.data_ptr<int32_t>() + layout.offsets(), layout));
 }
 
 at::Tensor lora_delta_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,

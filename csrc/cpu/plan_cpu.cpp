@@ -2,7 +2,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "checks.h"
 #include "lora_args.h"
 #include "plan.h"
 
@@ -21,10 +20,8 @@ at::Tensor build_plan_cpu(const at::Tensor& slot_ids, int64_t num_slots) {
 
   std::vector<int64_t> bin_of(rows);
   for (int64_t t = 0; t < rows; ++t) {
-    int64_t id = index_at(slot_ids, t);
-    LORA_CHECK(id >= -1 && id < num_slots, "slot_ids[", t, "] = ", id,
-               " is out of range: slot ids must be -1 (no adapter) or in [0, ", num_slots - 1,
-               "] for ", num_slots, " slots");
+    const int64_t id = index_at(slot_ids, t);
+    check_slot_id(t, id, num_slots);
     bin_of[t] = id == -1 ? layout.no_adapter_bin() : id;
     offsets[bin_of[t] + 1] += 1;
   }

@@ -26,7 +26,7 @@ struct WorkItem {
 };
 
 // The tensors of one call; out receives (accumulate) or is set to (not) the deltas.
-struct Batch {
+struct LoraCall {
   const at::Tensor& x;
   const at::Tensor& lora_a;
   const at::Tensor& lora_b;
@@ -67,15 +67,15 @@ class ReusedBuffer {
 // The plan of a call: the given one, or one built here.
 at::Tensor plan_for(const at::Tensor& slot_ids, const c10::optional<at::Tensor>& plan_arg, const LoraSizes& sizes);
 
-Work collect_work(const Batch& batch, const int32_t* offsets, const PlanLayout& layout);
+Work collect_work(const LoraCall& call, const int32_t* offsets, const PlanLayout& layout);
 
-// LORA_EXT_CPU_ISA=portable forces the portable kernels (tests cover both that way).
+// The cpu_isa setting "portable" forces the portable kernels (tests cover both that way).
 bool portable_forced();
 ItemKernels choose_item_kernels(at::ScalarType dtype, const ItemArgs& example);
-ItemArgs item_args(const Batch& batch, const int32_t* order, const WorkItem& item);
+ItemArgs item_args(const LoraCall& call, const int32_t* order, const WorkItem& item);
 
 // out[rows] (+)= scale * (x[rows] @ A[:rank]^T) @ B[:, :rank]^T as two ATen GEMMs.
-void run_gemm_segment(const Batch& batch, const at::Tensor& plan_order, const WorkItem& seg);
+void run_gemm_segment(const LoraCall& call, const at::Tensor& plan_order, const WorkItem& seg);
 // Whole items [begin, end) of `args` on the calling thread: four at a time where kernels.quad
 // exists and quad_fits (grouped by rank), the rest one by one. xs: the float32 rows (when
 // kernels.rows_to_float exists) at xs_offset[i]; u: room for each item's count x rank at u_offset[i].
@@ -83,9 +83,9 @@ void run_whole_items(const ItemKernels& kernels, const std::vector<ItemArgs>& ar
                      const float* xs, const std::vector<int64_t>& xs_offset, float* u,
                      const std::vector<int64_t>& u_offset);
 // The items on the intra-op thread pool, whole or split in parts depending on their number.
-void run_items(const Batch& batch, const int32_t* order, const std::vector<WorkItem>& items);
+void run_items(const LoraCall& call, const int32_t* order, const std::vector<WorkItem>& items);
 // All of a call's work: its GEMM segments, then its items.
-void run_work(const Batch& batch, const at::Tensor& plan, const PlanLayout& layout, const Work& work);
+void run_work(const LoraCall& call, const at::Tensor& plan, const PlanLayout& layout, const Work& work);
 
 }  // namespace cpu
 }  // namespace lora_ext

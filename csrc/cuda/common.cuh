@@ -34,20 +34,20 @@ struct Vec {
   static constexpr int kElems = 16 / sizeof(T);
 };
 
-// A raw 16-byte load through the read-only path; unpack with unpack16.
-__device__ __forceinline__ uint4 load16(const void* p) {
+// A raw 16-byte load through the read-only path; unpack with unpack_16_bytes.
+__device__ __forceinline__ uint4 load_16_bytes(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
 template <typename T>
-__device__ __forceinline__ void unpack16(const uint4& raw, float (&f)[Vec<T>::kElems]) {
+__device__ __forceinline__ void unpack_16_bytes(const uint4& raw, float (&f)[Vec<T>::kElems]) {
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int i = 0; i < Vec<T>::kElems; ++i) f[i] = to_float(e[i]);
 }
 
 template <typename T>
-__device__ __forceinline__ uint4 pack16(const float (&f)[Vec<T>::kElems]) {
+__device__ __forceinline__ uint4 pack_16_bytes(const float (&f)[Vec<T>::kElems]) {
   uint4 raw;
   T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll

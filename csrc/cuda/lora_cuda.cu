@@ -8,11 +8,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "checks.h"
 #include "cuda/launchers.h"
+#include "kernel_config.h"
 #include "lora_args.h"
 #include "plan.h"
 
@@ -57,21 +55,17 @@ bool vectorizable(const at::Tensor& t, int contiguous_dim, int elems) {
   return t.size(contiguous_dim) % elems == 0;
 }
 
-enum class KernelPath { kSimt, kMma };
-
-// LORA_EXT_CUDA_KERNEL=simt|mma forces a path (tests use it to cover both); the default picks
+// The cuda_kernel setting "simt" or "mma" forces a path (tests use it to cover both); "auto" picks
 // tensor cores when rows per adapter are many (prefill) and CUDA cores otherwise (decode).
 KernelPath choose_path(const LoraSizes& s, at::ScalarType dtype, bool shrink_vectorizable,
                        const DeviceInfo& dev) {
   const bool mma_possible = dtype != at::kFloat && dev.major >= 8 && shrink_vectorizable;
-  const char* forced = std::getenv("LORA_EXT_CUDA_KERNEL");
-  if (forced != nullptr && std::strcmp(forced, "simt") == 0) return KernelPath::kSimt;
-  if (forced != nullptr && std::strcmp(forced, "mma") == 0) {
-    return mma_possible ? KernelPath::kMma : KernelPath::kSimt;
-  }
+  const int64_t forced = setting(Setting::kCudaKernel);
+  if (forced == kCudaSimt) return KernelPath::kCudaSimt;
+  if (forced == kCudaMma) return mma_possible ? KernelPath::kCudaMma : KernelPath::kCudaSimt;
   const int64_t busy_slots = std::min(s.rows, s.slots);
   const bool many_rows_per_adapter = s.rows >= kPrefillTileRows && s.rows >= 16 * busy_slots;
-  return mma_possible && many_rows_per_adapter ? KernelPath::kMma : KernelPath::kSimt;
+  return mma_possible && many_rows_per_adapter ? KernelPath::kCudaMma : KernelPath::kCudaSimt;
 }
 
 // Splits of d_in so that shrink launches a few blocks per SM; each split a multiple of `granule`.
@@ -104,16 +98,17 @@ void launch_all(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
   constexpr int E = 16 / sizeof(T);
   const bool shrink_vec = vectorizable(x, 1, E) && vectorizable(lora_a, 2, E);
   const KernelPath path = choose_path(s, x.scalar_type(), shrink_vec, dev);
-  const int64_t tile_rows = path == KernelPath::kMma ? kPrefillTileRows : kDecodeTileRows;
+  count_path(path);
+  const int64_t tile_rows = path == KernelPath::kCudaMma ? kPrefillTileRows : kDecodeTileRows;
   const int64_t expected_tiles = std::max(std::min(s.rows, s.slots), (s.rows + tile_rows - 1) / tile_rows);
-  const SplitK split = path == KernelPath::kMma
+  const SplitK split = path == KernelPath::kCudaMma
                            ? choose_split_k(s.d_in, expected_tiles, 256, 32, dev.sm_count)
                            : choose_split_k(s.d_in, expected_tiles, kSimtThreads * E, E, dev.sm_count);
   at::Tensor partial = at::empty({split.splits, s.rows, s.max_rank}, x.options().dtype(at::kFloat));
 
   const PlanLayout layout{s.rows, s.slots};
   const int32_t* p = plan.data_ptr<int32_t>();
-  const int32_t* tiles = p + (path == KernelPath::kMma ? layout.prefill_tiles() : layout.decode_tiles());
+  const int32_t* tiles = p + (path == KernelPath::kCudaMma ? layout.prefill_tiles() : layout.decode_tiles());
   const PlanView view{p + layout.offsets(), tiles, p + layout.order(), static_cast<int>(s.slots)};
 
   ShrinkArgs<T> shrink{reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), x.stride(0), x.stride(1),
@@ -130,7 +125,7 @@ void launch_all(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
   const int shrink_tiles = static_cast<int>(max_tiles(s.rows, s.slots, tile_rows));
   const int expand_tiles = static_cast<int>(max_tiles(s.rows, layout.num_bins(), tile_rows));
   if constexpr (!std::is_same_v<T, float>) {
-    if (path == KernelPath::kMma) {
+    if (path == KernelPath::kCudaMma) {
       launch_shrink_mma<T>(shrink, shrink_tiles, split.splits, stream);
       launch_expand_mma<T>(expand, expand_tiles, stream);
       return;

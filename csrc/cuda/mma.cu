@@ -71,9 +71,9 @@ __global__ void __launch_bounds__(kShrinkThreads) shrink_mma_kernel(ShrinkArgs<T
         const int k = k0 + load_col[l];
         const bool in_k = k < k_end;
         const uint4 zero = make_uint4(0, 0, 0, 0);
-        const uint4 xv = (in_k && load_row[l] < tile.count) ? load16(x_row[l] + k) : zero;
+        const uint4 xv = (in_k && load_row[l] < tile.count) ? load_16_bytes(x_row[l] + k) : zero;
         const int r = rg + load_row[l];
-        const uint4 av = (in_k && r < rank) ? load16(a_slot + r * args.a_rank_stride + k) : zero;
+        const uint4 av = (in_k && r < rank) ? load_16_bytes(a_slot + r * args.a_rank_stride + k) : zero;
         *reinterpret_cast<uint4*>(&xs[load_row[l]][load_col[l]]) = xv;
         *reinterpret_cast<uint4*>(&as[load_row[l]][load_col[l]]) = av;
       }

@@ -23,11 +23,11 @@ struct Totals {
 };
 
 __device__ __forceinline__ int bin_of(const void* ids, bool ids_int64, int64_t stride, int t,
-                                      int slots) {
+                                      const PlanLayout& layout) {
   const int64_t id = ids_int64 ? static_cast<const int64_t*>(ids)[t * stride]
                                : static_cast<const int32_t*>(ids)[t * stride];
-  if (id == -1) return slots;                // no adapter
-  if (id < -1 || id >= slots) return slots + 1;  // invalid: those rows get NaN
+  if (id == -1) return static_cast<int>(layout.no_adapter_bin());
+  if (id < -1 || id >= layout.num_slots) return static_cast<int>(layout.invalid_bin());  // rows get NaN
   return static_cast<int>(id);
 }
 
@@ -56,15 +56,16 @@ __device__ Totals block_exclusive_scan(Totals mine, Totals* scratch) {
 }
 
 __global__ void __launch_bounds__(kPlanThreads)
-build_plan_kernel(const void* ids, bool ids_int64, int64_t ids_stride, int rows, int slots,
-                  int32_t* plan, int32_t* global_cursor, bool shared_cursor) {
+build_plan_kernel(const void* ids, bool ids_int64, int64_t ids_stride, PlanLayout layout, int32_t* plan,
+                  int32_t* global_cursor, bool shared_cursor) {
   __shared__ Totals scan_scratch[kPlanThreads];
   extern __shared__ int32_t dynamic_smem[];
-  const int bins = slots + 2;
-  int32_t* offsets = plan + 2;
-  int32_t* decode_tiles = offsets + bins + 1;
-  int32_t* prefill_tiles = decode_tiles + bins + 1;
-  int32_t* order = prefill_tiles + bins + 1;
+  const int rows = static_cast<int>(layout.num_rows), slots = static_cast<int>(layout.num_slots);
+  const int bins = static_cast<int>(layout.num_bins());
+  int32_t* offsets = plan + layout.offsets();
+  int32_t* decode_tiles = plan + layout.decode_tiles();
+  int32_t* prefill_tiles = plan + layout.prefill_tiles();
+  int32_t* order = plan + layout.order();
   int32_t* cursor = shared_cursor ? dynamic_smem : global_cursor;
   const int tid = threadIdx.x;
 
@@ -72,10 +73,10 @@ build_plan_kernel(const void* ids, bool ids_int64, int64_t ids_stride, int rows,
     plan[0] = rows;
     plan[1] = slots;
   }
-  for (int i = tid; i < 3 * (bins + 1); i += kPlanThreads) offsets[i] = 0;
+  for (int i = tid; i < bins + 1; i += kPlanThreads) offsets[i] = decode_tiles[i] = prefill_tiles[i] = 0;
   __syncthreads();
   for (int t = tid; t < rows; t += kPlanThreads) {  // counts, kept in offsets[bin + 1] for now
-    atomicAdd(&offsets[bin_of(ids, ids_int64, ids_stride, t, slots) + 1], 1);
+    atomicAdd(&offsets[bin_of(ids, ids_int64, ids_stride, t, layout) + 1], 1);
   }
   __syncthreads();
 
@@ -109,7 +110,7 @@ build_plan_kernel(const void* ids, bool ids_int64, int64_t ids_stride, int rows,
   for (int base = 0; base < rows; base += kWarpSize) {
     const int t = base + tid;
     const bool valid = t < rows;
-    const int bin = valid ? bin_of(ids, ids_int64, ids_stride, t, slots) : -1 - tid;
+    const int bin = valid ? bin_of(ids, ids_int64, ids_stride, t, layout) : -1 - tid;
     const unsigned peers = __match_any_sync(0xffffffffu, bin);
     const int leader = __ffs(peers) - 1;
     const int start = __shfl_sync(0xffffffffu, tid == leader && valid ? cursor[bin] : 0, leader);
@@ -132,8 +133,7 @@ at::Tensor build_plan_cuda(const at::Tensor& slot_ids, int64_t num_slots) {
   at::Tensor cursor = shared_cursor ? at::Tensor() : at::empty({bins}, plan.options());
   const size_t smem = shared_cursor ? bins * sizeof(int32_t) : 0;
   build_plan_kernel<<<1, kPlanThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      slot_ids.data_ptr(), slot_ids.scalar_type() == at::kLong, slot_ids.stride(0),
-      static_cast<int>(layout.num_rows), static_cast<int>(num_slots), plan.data_ptr<int32_t>(),
+      slot_ids.data_ptr(), slot_ids.scalar_type() == at::kLong, slot_ids.stride(0), layout, plan.data_ptr<int32_t>(),
       shared_cursor ? nullptr : cursor.data_ptr<int32_t>(), shared_cursor);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return plan;

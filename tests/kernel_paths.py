@@ -1,0 +1,39 @@
+"""What the CPU offers and which kernel paths each test configuration may take (the path names
+are lora_ext.kernel_config.path_counts()'s)."""
+
+ITEM_PATHS = ("cpu_items_avx512", "cpu_items_avx512_bf16", "cpu_items_portable")
+LORA_PATHS = ITEM_PATHS + ("cpu_gemm_segments",)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+CPU_FLAGS = _cpu_flags()
+HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= CPU_FLAGS
+HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in CPU_FLAGS
+
+# config -> paths that must not run under it
+FORBIDDEN = {
+    "default": (),
+    "no_dpbf16": ("cpu_items_avx512_bf16",),
+    "portable": ("cpu_items_avx512", "cpu_items_avx512_bf16", "cpu_items_quad", "cpu_linear_fused"),
+    "gemm_always": ITEM_PATHS,
+    "gemm_never": ("cpu_gemm_segments",),
+}
+
+
+def assert_config_paths(config, taken):
+    """The LoRA work done under `config` took only paths it allows; under "portable" and
+    "gemm_always" the forced path really ran whenever any LoRA work ran."""
+    bad = sorted(p for p in FORBIDDEN[config] if p in taken)
+    assert not bad, f"config {config!r} took paths {bad} it excludes (all taken: {taken})"
+    if not any(p in taken for p in LORA_PATHS):
+        return  # no LoRA work in this test (no rows, or none with an adapter)
+    forced = {"portable": "cpu_items_portable", "gemm_always": "cpu_gemm_segments"}.get(config)
+    if forced is not None:
+        assert forced in taken, f"config {config!r} should run {forced}, but took {taken}"
