@@ -1,5 +1,7 @@
-"""Adapter files and adapter memory: PEFT directories, the host cache, device slots."""
+"""Adapter files and adapter memory: the PEFT reader and validator (peft_format), and the memory
+manager (store: registry, host cache, device slots) with its parts (host_cache, slots)."""
 
 from lora_ext.adapters.peft_format import AdapterError, PeftAdapter, read_peft_adapter
+from lora_ext.adapters.store import AdapterRecord, AdapterStore
 
-__all__ = ["AdapterError", "PeftAdapter", "read_peft_adapter"]
+__all__ = ["AdapterError", "AdapterRecord", "AdapterStore", "PeftAdapter", "read_peft_adapter"]

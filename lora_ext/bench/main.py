@@ -28,7 +28,7 @@ MIXED_RANKS = (8, 16, 32, 64)
 NO_FUSION = "LORA_EXT_CPU_NO_FUSED_LINEAR"  # turns off linear_lora's fused CPU path
 FUSED_MAX_ROWS = 64  # linear_lora fuses at most this many rows (csrc/cpu/linear_lora_cpu.cpp)
 GEMM_ONLY = "lora_ext op, no adapter rows"  # the fused base GEMM alone, in the model
-BASE = "base model (no adapters)"  # the ceiling every overhead is measured against
+BASE_SCENARIO = "base model (no adapters)"  # the ceiling every overhead is measured against
 
 
 def parse_args(argv):
@@ -76,8 +76,7 @@ def adapter_bytes_per_step(mm, names):
     """Bytes of adapter weights one decode step must read: each distinct adapter's A and B once."""
     total = 0
     for name in set(names):
-        record = mm._registry[name]
-        for module, rank in record.ranks.items():
+        for module, rank in mm.store.record(name).ranks.items():
             layer = mm.layers[module]
             total += rank * (layer.in_features + layer.out_features) * layer.lora_a.element_size()
     return total
@@ -209,7 +208,7 @@ def run(args):
 
 def build_scenarios(args, base_model, mm, groups, names, paths, peft_wanted):
     """{scenario: (kind, runner, adapter name of each row)} for everything timed in shared rounds."""
-    scenarios = {BASE: ("base", BatchRunner(base_model), [])}
+    scenarios = {BASE_SCENARIO: ("base", BatchRunner(base_model), [])}
     for scenario, group in groups:
         per_row = row_names(group, args.batch_size)
         scenarios[scenario] = ("lora_ext", BatchRunner(lambda _n=per_row, **kw: mm(adapter_names=_n, **kw)), per_row)
@@ -238,7 +237,7 @@ def timing_order(scenarios, n):
     """{name: runner} in the order each round runs them: the base model, the N-adapter batch the
     targets compare with it and the fused GEMM alone (next to each other, so the machine's drift
     between them is smallest), then the rest."""
-    first = [BASE, batch_scenario(n), GEMM_ONLY]
+    first = [BASE_SCENARIO, batch_scenario(n), GEMM_ONLY]
     order = first + [k for k in scenarios if k not in first]
     return {k: scenarios[k][1] for k in order if k in scenarios}
 
@@ -267,7 +266,7 @@ def without_fusion(call):
 
 
 def base_key(kind):
-    return "base (merged rounds)" if kind == "merged" else BASE
+    return "base (merged rounds)" if kind == "merged" else BASE_SCENARIO
 
 
 def scenario_row(name, kind, names, t, base, mm, bandwidth, args):
@@ -293,7 +292,7 @@ def summarize(rows, n, bandwidth=None, bandwidth_per_round=()):
     by_name = {r["scenario"]: r for r in rows}
     ours = by_name.get(batch_scenario(n))
     gemm_only = by_name.get(GEMM_ONLY)
-    base = by_name.get(BASE)
+    base = by_name.get(BASE_SCENARIO)
     peft = next((r for r in rows if r["kind"] == "peft"), None)
     lines, figures = [], {}
     if ours is not None:

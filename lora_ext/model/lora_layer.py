@@ -46,6 +46,10 @@ class LoraLayer(torch.nn.Module):
     def dtype(self):
         return self.lora_a.dtype
 
+    @property
+    def device(self):
+        return self.lora_a.device
+
     def write_slot(self, slot, weights, non_blocking=False):
         """Puts one adapter's prepared weights (or None: not targeted here) into `slot`."""
         if weights is None:

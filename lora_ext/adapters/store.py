@@ -1,0 +1,303 @@
+"""The adapter memory manager: which adapters are known, which sit in host memory, which occupy
+device slots, and the copies between them.
+
+Three tiers:
+    registered   validated at register(), any number; only the record is kept
+    host cache   validated weights cast to each layer's dtype (pinned when serving on a GPU),
+                 least recently used evicted beyond host_cache_bytes; an evicted adapter is read
+                 again from its files when next needed
+    device slots max_adapters preallocated slots in every patched layer; a batch pins the slots
+                 of its adapters, and a pinned slot is never evicted or overwritten
+
+Thread-safe: every public method takes the store's lock. On a GPU, copies into a slot run on a
+side stream; a batch makes its stream wait on the slot's event (wait_for_copies), never on the
+whole device.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lora_ext.adapters.host_cache import HostCache
+from lora_ext.adapters.peft_format import AdapterError, read_peft_adapter
+from lora_ext.adapters.slots import SlotTable
+
+logger = logging.getLogger("lora_ext")
+
+
+@dataclass
+class ModuleSlotWeights:
+    """One module's weights cast to its layer's dtype, as a slot stores them."""
+
+    lora_a: torch.Tensor    # (rank, d_in)
+    lora_b_t: torch.Tensor  # (rank, d_out): B transposed, as the rank-major slot stores it
+    rank: int
+    scaling: float
+
+
+@dataclass
+class AdapterSlotWeights:
+    """All of one adapter's modules, ready to copy into a slot (what the host cache holds)."""
+
+    name: str
+    modules: dict  # module name -> ModuleSlotWeights
+
+    @property
+    def nbytes(self):
+        return sum(m.lora_a.numel() * m.lora_a.element_size() + m.lora_b_t.numel() * m.lora_b_t.element_size()
+                   for m in self.modules.values())
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """What the registry keeps of an adapter: where to read it again and what it holds."""
+
+    name: str
+    path: str
+    allow_pickle: bool
+    ranks: dict     # module -> rank
+    scalings: dict  # module -> scaling
+    nbytes: int     # bytes of its weights in the layers' dtype
+
+
+class AdapterStore:
+    """Registry, host cache and device slots of the adapters of one patched model.
+
+    layers: {module name: layer}; each layer has in_features, out_features, dtype, device and
+    write_slot(slot, ModuleSlotWeights or None, non_blocking) (lora_ext.model.LoraLayer).
+    """
+
+    def __init__(self, layers, max_adapters, max_rank, host_cache_bytes=None):
+        self.layers = layers
+        self.max_adapters = max_adapters
+        self.max_rank = max_rank
+        self._lock = threading.RLock()
+        self._registry = {}
+        self._host = HostCache(host_cache_bytes)
+        self._slots = SlotTable(max_adapters)
+        self._copy_stream = None
+        self._pending_copies = {}  # slot -> (event, weights kept alive until the copy is done)
+        self._counters = dict(hits=0, misses=0, slot_evictions=0, host_evictions=0, disk_reads=0,
+                              load_seconds=0.0)
+
+    # ---- registry --------------------------------------------------------------------------------
+
+    def register(self, name, path, *, allow_pickle=False):
+        """Validates the PEFT adapter directory `path` against the layers and registers it as
+        `name`; it takes a free device slot now if there is one. Nothing changes unless every
+        check passes (an AdapterError names the adapter, file or module and the values)."""
+        with self._lock:
+            if name in self._registry:
+                raise ValueError(f"lora_ext: adapter {name!r} is already loaded (from {self._registry[name].path!r}); "
+                                 "unload it first")
+        started = time.perf_counter()
+        weights, record = self._read_for_slots(name, path, allow_pickle)
+        with self._lock:
+            if name in self._registry:
+                raise ValueError(f"lora_ext: adapter {name!r} was loaded meanwhile by another thread")
+            self._registry[name] = record
+            self._cache(name, weights)
+            slot = self._slots.free_or_victim()
+            if slot is not None and self._slots.owner[slot] is None:
+                self._write_slot(slot, name, weights)
+            self._counters["load_seconds"] += time.perf_counter() - started
+        logger.info("loaded adapter %r from %s: %d modules, %d bytes", name, path, len(weights.modules),
+                    weights.nbytes)
+
+    def unregister(self, name):
+        """Forgets `name`, frees its slot and cached weights (refused while a batch uses it)."""
+        with self._lock:
+            self.record(name)  # refuses unknown names
+            slot = self._slots.release(name)
+            if slot is not None:
+                for layer in self.layers.values():
+                    layer.write_slot(slot, None)
+            self._host.remove(name)
+            del self._registry[name]
+        logger.info("unloaded adapter %r", name)
+
+    def require(self, names):
+        """Raises ValueError naming every name in `names` that is not registered."""
+        with self._lock:
+            unknown = sorted(set(names) - set(self._registry))
+            if unknown:
+                raise ValueError(f"lora_ext: unknown adapter(s) {unknown}; loaded: {sorted(self._registry)}")
+
+    def __contains__(self, name):
+        with self._lock:
+            return name in self._registry
+
+    # ---- public queries --------------------------------------------------------------------------
+
+    def record(self, name):
+        """The AdapterRecord of a registered adapter (ranks, scalings, bytes, path)."""
+        with self._lock:
+            if name not in self._registry:
+                raise ValueError(f"lora_ext: unknown adapter {name!r}; loaded: {sorted(self._registry)}")
+            return self._registry[name]
+
+    def adapter_bytes(self, name):
+        """Bytes of `name`'s weights in the layers' dtype (what one slot holds of it)."""
+        return self.record(name).nbytes
+
+    def resident(self):
+        """{adapter name: device slot} of the adapters in device slots now."""
+        with self._lock:
+            return self._slots.resident()
+
+    def pins(self):
+        """Running batches (and prefetches) using each slot, by slot index."""
+        with self._lock:
+            return list(self._slots.pins)
+
+    def adapters(self):
+        """Registered adapters: name, path, whether cached in host memory, device slot, ranks."""
+        with self._lock:
+            resident = self._slots.resident()
+            return [dict(name=r.name, path=r.path, cached=r.name in self._host, slot=resident.get(r.name),
+                         modules=len(r.ranks), ranks=sorted(set(r.ranks.values())), bytes=r.nbytes)
+                    for r in self._registry.values()]
+
+    def stats(self):
+        """Counts and bytes per tier, hits, misses, evictions and load time."""
+        with self._lock:
+            resident = self._slots.resident()
+            return dict(registered=len(self._registry), cached=len(self._host.names()), resident=len(resident),
+                        registered_bytes=sum(r.nbytes for r in self._registry.values()),
+                        host_cache_bytes=self._host.bytes,
+                        device_slot_bytes=sum(self._registry[n].nbytes for n in resident),
+                        device_slots=self.max_adapters, **self._counters)
+
+    def slot_weights(self, name):
+        """`name`'s weights as the slots store them (from the host cache, or read again)."""
+        with self._lock:
+            self.record(name)  # refuses unknown names
+            return self._host_weights(name)
+
+    # ---- device slots ----------------------------------------------------------------------------
+
+    def acquire(self, names):
+        """Slots for `names`, bringing missing adapters in and pinning all of them; {name: slot}.
+        Every name must be registered. Release the slots with release()."""
+        if len(names) > self.max_adapters:
+            raise ValueError(f"lora_ext: the batch names {len(names)} distinct adapters but there are only "
+                             f"{self.max_adapters} device slots (max_adapters)")
+        with self._lock:
+            slots = {}
+            for name in names:  # pin the resident ones first so they cannot be evicted below
+                slot = self._slots.slot_of(name)
+                if slot is not None:
+                    slots[name] = slot
+                    self._slots.pin([slot])
+                    self._counters["hits"] += 1
+            try:
+                for name in names:
+                    if name in slots:
+                        continue
+                    self._counters["misses"] += 1
+                    slot = self._slots.free_or_victim()
+                    if slot is None:
+                        raise RuntimeError(f"lora_ext: no device slot is free for adapter {name!r}: all "
+                                           f"{self.max_adapters} are in use by running batches")
+                    self._write_slot(slot, name, self._host_weights(name))
+                    slots[name] = slot
+                    self._slots.pin([slot])
+            except BaseException:
+                self._slots.unpin(slots.values())
+                raise
+            return slots
+
+    def release(self, slots):
+        """Unpins slots that acquire() returned ({name: slot} or the slot indices)."""
+        with self._lock:
+            self._slots.unpin(slots.values() if isinstance(slots, dict) else slots)
+
+    def wait_for_copies(self, slots):
+        """Makes the current CUDA stream wait for copies into these slots (no-op on CPU)."""
+        with self._lock:
+            for slot in slots:
+                pending = self._pending_copies.get(slot)
+                if pending is None:
+                    continue
+                torch.cuda.current_stream(self._device()).wait_event(pending[0])
+                if pending[0].query():
+                    del self._pending_copies[slot]
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _device(self):
+        return next(iter(self.layers.values())).device
+
+    def _read_for_slots(self, name, path, allow_pickle):
+        adapter = read_peft_adapter(name, path, allow_pickle=allow_pickle)
+        weights = self._cast_for_slots(adapter)
+        record = AdapterRecord(name, str(path), allow_pickle, {m: w.rank for m, w in adapter.modules.items()},
+                               {m: w.scaling for m, w in adapter.modules.items()}, weights.nbytes)
+        return weights, record
+
+    def _cast_for_slots(self, adapter):
+        """Checks every module against the patched layers and casts the weights to their dtypes."""
+        unknown = sorted(m for m in adapter.modules if m not in self.layers)
+        if unknown:
+            raise AdapterError(f"adapter {adapter.name!r}: weights for modules that are not patched: {unknown[:5]}"
+                               f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} of {len(adapter.modules)}); "
+                               f"patched modules look like {sorted(self.layers)[:3]}")
+        pin = torch.cuda.is_available() and self._device().type == "cuda"
+        modules = {}
+        for module, w in adapter.modules.items():
+            layer = self.layers[module]
+            where = f"adapter {adapter.name!r}: module {module!r}"
+            if w.lora_a.shape[1] != layer.in_features or w.lora_b.shape[0] != layer.out_features:
+                raise AdapterError(f"{where}: lora_A {tuple(w.lora_a.shape)} and lora_B {tuple(w.lora_b.shape)} do not "
+                                   f"fit the layer ({layer.in_features} -> {layer.out_features})")
+            if w.rank > self.max_rank:
+                raise AdapterError(f"{where}: rank {w.rank} exceeds max_rank={self.max_rank}")
+            a = w.lora_a.to(layer.dtype).contiguous()
+            b_t = w.lora_b.T.to(layer.dtype).contiguous()
+            if not (torch.isfinite(a).all() and torch.isfinite(b_t).all()):
+                raise AdapterError(f"{where}: weights overflow to infinity when cast to {layer.dtype}")
+            if pin:
+                a, b_t = a.pin_memory(), b_t.pin_memory()
+            modules[module] = ModuleSlotWeights(a, b_t, w.rank, w.scaling)
+        return AdapterSlotWeights(adapter.name, modules)
+
+    def _host_weights(self, name):
+        """The adapter's slot weights from the host cache, or read again from its files."""
+        weights = self._host.get(name)
+        if weights is None:
+            record = self._registry[name]
+            self._counters["disk_reads"] += 1
+            weights, _ = self._read_for_slots(name, record.path, record.allow_pickle)
+            self._cache(name, weights)
+        return weights
+
+    def _cache(self, name, weights):
+        for evicted in self._host.put(name, weights):
+            self._counters["host_evictions"] += 1
+            logger.info("host cache: evicted adapter %r", evicted)
+
+    def _write_slot(self, slot, name, weights):
+        evicted = self._slots.assign(slot, name)
+        if evicted is not None:
+            self._counters["slot_evictions"] += 1
+            logger.info("device slot %d: evicted adapter %r for %r", slot, evicted, name)
+        device = self._device()
+        if device.type != "cuda":
+            for module, layer in self.layers.items():
+                layer.write_slot(slot, weights.modules.get(module))
+            return
+        # On a GPU the copy runs on a side stream; batches that use the slot wait on its event,
+        # never on the whole device. The side stream first waits for work already queued on the
+        # current stream, which may still read the slot's previous adapter.
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._copy_stream):
+            for module, layer in self.layers.items():
+                layer.write_slot(slot, weights.modules.get(module), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        self._pending_copies[slot] = (event, weights)
