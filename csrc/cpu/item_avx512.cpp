@@ -5,7 +5,7 @@
 //   expand: B stored rank-major (stride 1 along d_out) is streamed along d_out with FMAs;
 //           B in PEFT's layout (stride 1 along the rank) is read in 16x16 blocks, transposed
 //           in registers, then the same FMAs along d_out.
-//   quad:   four one-row items in lockstep, one long stream through each item's A, then its B.
+// The four-item kernel (quad_avx512.cpp) runs decode items four at a time.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -23,6 +23,7 @@
 namespace lora_ext {
 namespace cpu {
 
+// The CPU checks run outside the AVX-512 region below: they must run on any x86-64 CPU.
 bool cpu_has_avx512() {
 #ifdef LORA_EXT_HAVE_AVX512_KERNEL
   __builtin_cpu_init();
@@ -33,6 +34,21 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#ifndef LORA_EXT_HAVE_AVX512_KERNEL
+  return false;
+#else
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace lora_ext
+
 #ifdef LORA_EXT_HAVE_AVX512_KERNEL
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
@@ -41,44 +57,17 @@ bool cpu_has_avx512() {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "cpu/avx512_lanes.h"
+
+namespace lora_ext {
+namespace cpu {
 namespace {
+
+using namespace avx512;
 
 constexpr int kRanksPerPass = 4;
 constexpr int kRowsPerPass = 4;
 constexpr int kRankMajorCols = 128;  // columns per rank-major expand block (8 vectors)
-
-// Software prefetch distance: far enough ahead that DRAM latency hides behind the FMAs.
-constexpr int64_t kPrefetchBytes = 2048;
-
-inline void prefetch_lines(const void* p, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) {
-    _mm_prefetch(static_cast<const char*>(p) + off, _MM_HINT_T0);
-  }
-}
-
-// 16 lanes as float32, the lanes outside `m` zero (never read from memory).
-inline __m512 load_16_lanes(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load_16_lanes(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-inline __m512 load_16_lanes(const c10::BFloat16* p, __mmask16 m) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-inline void store_16_lanes(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store_16_lanes(c10::Half* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-// Round to nearest even, NaN stays a quiet NaN: the same rounding as c10::BFloat16.
-inline void store_16_lanes(c10::BFloat16* p, __m512 v, __mmask16 m) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-}
 
 // Pointers to the rows t0 .. t0 + NT - 1 of x, in x's own element type E.
 template <typename E, int NT>
@@ -173,13 +162,6 @@ void shrink_block_dpbf16(const ItemArgs& p, const float* /*xs*/, int64_t r0, int
   store_shrink_sums(p, acc, r0, t0, u);
 }
 
-bool cpu_has_avx512_bf16() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return has;
-}
 
 template <typename T>
 using ShrinkBlock = void (*)(const ItemArgs&, const float*, int64_t, int64_t, float*);
@@ -382,161 +364,23 @@ void expand(const ItemArgs& p, const float* u, int64_t col_begin, int64_t col_en
   }
 }
 
-// kQuadItems items of one row each with B rank-major (quad_fits), ranks in descending order: each
-// step reads one rank row of every item's A (shrink) or B (expand) that has that rank, so four
-// streams run through the items' contiguous A[:rank] and B[:rank] from start to end. The sums are
-// those of shrink_block with one row (two accumulator sets along k) and of
-// expand_rank_major_block (an FMA chain over the ranks from zero, added to out once), so results
-// equal the one-item kernels' bit for bit. The expand keeps its partial sums in a float32 buffer
-// of kQuadColumns columns per item (L1).
-constexpr int64_t kQuadColumns = 1024;
-
-// Calls run(std::integral_constant<int, N>{}, r_begin, r_end) over the ranks where exactly the first
-// N items take part: [rank[N], rank[N - 1]) with rank[kQuadItems] = 0.
-template <typename Run>
-void by_active_items(const ItemArgs* const* q, Run run) {
-  static_assert(kQuadItems == 4, "one segment per number of items taking part");
-  int64_t r = 0;
-  auto segment = [&](auto n) {
-    const int64_t r_end = q[decltype(n)::value - 1]->rank;
-    if (r < r_end) run(n, r, r_end);
-    r = std::max(r, r_end);
-  };
-  segment(std::integral_constant<int, 4>{});
-  segment(std::integral_constant<int, 3>{});
-  segment(std::integral_constant<int, 2>{});
-  segment(std::integral_constant<int, 1>{});
-}
-
-template <typename T, int N>
-void quad_shrink_ranks(const ItemArgs* const* q, const T* const* x, int64_t r_begin, int64_t r_end,
-                       float* const* u) {
-  const int64_t d_in = q[0]->d_in;
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    const T* a[N];
-#pragma GCC unroll 4
-    for (int i = 0; i < N; ++i) a[i] = static_cast<const T*>(q[i]->a) + r * q[i]->a_rank_stride;
-    __m512 acc[2][N];
-#pragma GCC unroll 4
-    for (int i = 0; i < N; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
-    auto step = [&](int s, int64_t k, __mmask16 m) __attribute__((always_inline)) {
-#pragma GCC unroll 4
-      for (int i = 0; i < N; ++i) acc[s][i] = _mm512_fmadd_ps(load_16_lanes(a[i] + k, m), load_16_lanes(x[i] + k, m), acc[s][i]);
-    };
-    int64_t k = 0;
-    for (; k + 32 <= d_in; k += 32) {
-      step(0, k, 0xFFFF);
-      step(1, k + 16, 0xFFFF);
-    }
-    for (; k < d_in; k += 16) step(0, k, first_lanes(d_in - k));
-#pragma GCC unroll 4
-    for (int i = 0; i < N; ++i) u[i][r] = q[i]->scale * _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
-  }
-}
-
-// The bfloat16 shrink with AVX512-BF16, as shrink_block_dpbf16 computes it for one row (two
-// accumulator sets, 32 elements a step).
-template <int N>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-void quad_shrink_ranks_dpbf16(const ItemArgs* const* q, const c10::BFloat16* const* x, int64_t r_begin,
-                              int64_t r_end, float* const* u) {
-  const int64_t d_in = q[0]->d_in;
-  const __mmask32 all = 0xFFFFFFFFu;
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    const c10::BFloat16* a[N];
-#pragma GCC unroll 4
-    for (int i = 0; i < N; ++i) a[i] = static_cast<const c10::BFloat16*>(q[i]->a) + r * q[i]->a_rank_stride;
-    __m512 acc[2][N];
-#pragma GCC unroll 4
-    for (int i = 0; i < N; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
-    auto step = [&](int s, int64_t k, __mmask32 m) __attribute__((always_inline)) {
-#pragma GCC unroll 4
-      for (int i = 0; i < N; ++i) {
-        acc[s][i] = _mm512_dpbf16_ps(acc[s][i], (__m512bh)_mm512_maskz_loadu_epi16(m, a[i] + k),
-                                     (__m512bh)_mm512_maskz_loadu_epi16(m, x[i] + k));
-      }
-    };
-    int64_t k = 0;
-    for (; k + 64 <= d_in; k += 64) {
-      step(0, k, all);
-      step(1, k + 32, all);
-    }
-    for (; k < d_in; k += 32) {
-      const int64_t left = d_in - k;
-      step(0, k, left >= 32 ? all : static_cast<__mmask32>((1u << left) - 1u));
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < N; ++i) u[i][r] = q[i]->scale * _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
-  }
-}
-
-// sums[i][:cols] (+)= sum over r in [r_begin, r_end) of u[i][r] * B_i[r, c0 : c0 + cols]; rank 0
-// starts the chain from zero.
-template <typename T, int N>
-void quad_expand_ranks(const ItemArgs* const* q, const float* const* u, int64_t c0, int64_t cols, int64_t r_begin,
-                       int64_t r_end, float (*sums)[kQuadColumns]) {
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    const T* b[N];
-    __m512 ur[N];
-#pragma GCC unroll 4
-    for (int i = 0; i < N; ++i) {
-      b[i] = static_cast<const T*>(q[i]->b) + r * q[i]->b_rank_stride + c0;
-      ur[i] = _mm512_set1_ps(u[i][r]);
-    }
-    for (int64_t n = 0; n < cols; n += 16) {
-      const __mmask16 m = first_lanes(cols - n);
-#pragma GCC unroll 4
-      for (int i = 0; i < N; ++i) {
-        const __m512 prior = r == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sums[i] + n);
-        _mm512_storeu_ps(sums[i] + n, _mm512_fmadd_ps(ur[i], load_16_lanes(b[i] + n, m), prior));
-      }
-    }
-  }
-}
-
-// kDot: the bfloat16 shrink with vdpbf16ps, as the one-item kernel chosen with it.
-template <typename T, bool kDot>
-void quad(const ItemArgs* const* q, float* const* u) {
-  const T* x[kQuadItems];
-  for (int i = 0; i < kQuadItems; ++i) x[i] = static_cast<const T*>(q[i]->x) + q[i]->rows[0] * q[i]->x_row_stride;
-  by_active_items(q, [&](auto n, int64_t r_begin, int64_t r_end) {
-    if constexpr (kDot) {
-      quad_shrink_ranks_dpbf16<decltype(n)::value>(q, x, r_begin, r_end, u);
-    } else {
-      quad_shrink_ranks<T, decltype(n)::value>(q, x, r_begin, r_end, u);
-    }
-  });
-  thread_local float sums[kQuadItems][kQuadColumns];
-  const int64_t d_out = q[0]->d_out;
-  for (int64_t c0 = 0; c0 < d_out; c0 += kQuadColumns) {
-    const int64_t cols = std::min(kQuadColumns, d_out - c0);
-    by_active_items(q, [&](auto n, int64_t r_begin, int64_t r_end) {
-      quad_expand_ranks<T, decltype(n)::value>(q, u, c0, cols, r_begin, r_end, sums);
-    });
-    for (int i = 0; i < kQuadItems; ++i) {
-      T* o = static_cast<T*>(q[i]->out) + q[i]->rows[0] * q[i]->out_row_stride + c0;
-      for (int64_t n = 0; n < cols; n += 16) {
-        const __mmask16 m = first_lanes(cols - n);
-        __m512 value = _mm512_loadu_ps(sums[i] + n);
-        if (q[i]->accumulate) value = _mm512_add_ps(load_16_lanes(o + n, m), value);
-        store_16_lanes(o + n, value, m);
-      }
-    }
-  }
-}
-
 // kDot: the bfloat16 shrink uses vdpbf16ps (AVX512-BF16).
 template <typename T, bool kDot = false>
 ItemKernels kernels_for() {
-  return {nullptr, &shrink<T, kDot>, &expand<T>, &quad<T, kDot>,
+  return {nullptr, &shrink<T, kDot>, &expand<T>, &quad_items<T, kDot>,
           kDot ? KernelPath::kCpuItemsAvx512Bf16 : KernelPath::kCpuItemsAvx512};
 }
 
 }  // namespace
+}  // namespace cpu
+}  // namespace lora_ext
 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif  // LORA_EXT_HAVE_AVX512_KERNEL
+
+namespace lora_ext {
+namespace cpu {
 
 bool avx512_item_kernels(c10::ScalarType dtype, const ItemArgs& example, ItemKernels* kernels) {
 #ifdef LORA_EXT_HAVE_AVX512_KERNEL

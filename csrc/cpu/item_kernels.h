@@ -65,6 +65,7 @@ ItemKernels portable_item_kernels(c10::ScalarType dtype);
 // False when this build or this CPU has no AVX-512, or the strides do not suit it.
 bool avx512_item_kernels(c10::ScalarType dtype, const ItemArgs& example, ItemKernels* kernels);
 bool cpu_has_avx512();
+bool cpu_has_avx512_bf16();
 
 }  // namespace cpu
 }  // namespace lora_ext

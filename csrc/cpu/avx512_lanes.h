@@ -1,0 +1,57 @@
+// What the AVX-512 CPU kernels share: 16-lane loads that widen float16/bfloat16 to float32 and
+// stores that round back, software prefetch, and the four-item kernel's entry point. Include only inside a region compiled for AVX-512 (#pragma GCC target, as
+// item_avx512.cpp and quad_avx512.cpp do), after <immintrin.h>.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "cpu/item_kernels.h"
+
+namespace lora_ext {
+namespace cpu {
+namespace avx512 {
+
+// Software prefetch distance: far enough ahead that DRAM latency hides behind the FMAs.
+constexpr int64_t kPrefetchBytes = 2048;
+
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) {
+    _mm_prefetch(static_cast<const char*>(p) + off, _MM_HINT_T0);
+  }
+}
+
+// 16 lanes as float32, the lanes outside `m` zero (never read from memory).
+inline __m512 load_16_lanes(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load_16_lanes(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+inline __m512 load_16_lanes(const c10::BFloat16* p, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+inline void store_16_lanes(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store_16_lanes(c10::Half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// Round to nearest even, NaN stays a quiet NaN: the same rounding as c10::BFloat16.
+inline void store_16_lanes(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+// Shrink and expand of kQuadItems items in lockstep (ItemKernels::quad), in quad_avx512.cpp.
+// kDot: the bfloat16 shrink with vdpbf16ps, as the one-item kernel chosen with it.
+template <typename T, bool kDot>
+void quad_items(const ItemArgs* const* q, float* const* u);
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace lora_ext
