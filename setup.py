@@ -134,7 +134,6 @@ def build_extension():
         archs = _cuda_arch_list(torch)
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         build_desc = f"cuda {torch.version.cuda}; archs {archs}; nvcc {_nvcc_version(cuda_home)}"
-        define_macros.append(("LORA_EXT_WITH_CUDA", "1"))
         nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                       "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                       "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
@@ -155,7 +154,6 @@ def build_extension():
         include_dirs=[os.path.join(HERE, "csrc")] + include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
-        py_limited_api=True,
     )
     return ext, cpp_extension.BuildExtension
 
@@ -164,5 +162,4 @@ ext, build_ext = build_extension()
 setup(
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )
