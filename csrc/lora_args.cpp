@@ -100,14 +100,12 @@ void check_plan_args(const at::Tensor& slot_ids, int64_t num_slots) {
              slot_ids.size(0), " rows and ", num_slots, " slots exceed the 32-bit plan (at most 2^30 rows and 2^28 slots)");
 }
 
-void check_out(const at::Tensor& out, const at::Tensor& x, const LoraSizes& s) {
-  LORA_CHECK(out.dim() == 2 && out.size(0) == s.rows && out.size(1) == s.d_out,
-             "add_lora_: out must have shape (T, d_out) = (", s.rows, ", ", s.d_out,
-             "), but has shape ", out.sizes());
-  LORA_CHECK(out.scalar_type() == x.scalar_type(), "add_lora_: out has dtype ", out.scalar_type(),
+void check_out(const char* op, const char* name, const at::Tensor& out, const at::Tensor& x, const LoraSizes& s) {
+  LORA_CHECK(out.dim() == 2 && out.size(0) == s.rows && out.size(1) == s.d_out, op, ": ", name,
+             " must have shape (T, d_out) = (", s.rows, ", ", s.d_out, "), but has shape ", out.sizes());
+  LORA_CHECK(out.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", out.scalar_type(),
              " but x has dtype ", x.scalar_type(), "; they must match");
-  LORA_CHECK(out.device() == x.device(), "add_lora_: out is on ", out.device(), " but x is on ",
-             x.device(), "; all arguments must be on the same device");
+  check_same_device(op, name, out, x);
 }
 
 void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

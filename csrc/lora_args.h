@@ -26,8 +26,9 @@ LoraSizes check_lora_args(const char* op, const at::Tensor& x, const at::Tensor&
 // build_plan's arguments: 1-D int32/int64 slot ids, at least one slot, sizes the plan can index.
 void check_plan_args(const at::Tensor& slot_ids, int64_t num_slots);
 
-// add_lora_'s output: (T, d_out), same dtype and device as x.
-void check_out(const at::Tensor& out, const at::Tensor& x, const LoraSizes& sizes);
+// A (T, d_out) tensor in x's dtype and on x's device: add_lora_'s out, lora_backward's grad_out.
+void check_out(const char* op, const char* name, const at::Tensor& out, const at::Tensor& x,
+               const LoraSizes& sizes);
 
 // linear_lora's base layer: weight (d_out, d_in) and bias (d_out,), same dtype and device as x.
 void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

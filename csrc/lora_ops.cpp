@@ -39,6 +39,11 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "linear_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor slot_ids, "
       "Tensor? scales=None, Tensor? ranks=None, Tensor? plan=None) -> Tensor");
+  // The gradients of lora_delta's output grad_out with respect to x, lora_a and lora_b (each only
+  // where output_mask says; None otherwise).
+  m.def(
+      "lora_backward(Tensor grad_out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor slot_ids, "
+      "Tensor? scales, Tensor? ranks, Tensor? plan, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
   m.def("plan_layout(int num_slots) -> int[]", &plan_layout);
   m.def("linear_lora_fuses(int rows, int d_in, ScalarType dtype) -> bool", &cpu::linear_lora_fuses);

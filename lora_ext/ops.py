@@ -96,6 +96,9 @@ def plan_layout(num_slots):
 
 
 if native_available():
+    from lora_ext import op_autograd
+
+    op_autograd.register()
 
     @torch.library.register_fake("lora_ext::lora_delta")
     def _lora_delta_fake(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):

@@ -46,7 +46,8 @@ ItemArgs item_args(const LoraCall& call, const int32_t* order, const WorkItem& i
   return ItemArgs{x.data_ptr(), x.stride(0), x.stride(1), order + item.first, item.count,
                   static_cast<const char*>(a.data_ptr()) + slot * a.stride(0) * elem, a.stride(1), a.stride(2),
                   static_cast<const char*>(b.data_ptr()) + slot * b.stride(0) * elem, b.stride(1), b.stride(2),
-                  out.data_ptr(), out.stride(0), out.stride(1), call.sizes.d_in, call.sizes.d_out,
+                  out.defined() ? out.data_ptr() : nullptr, out.defined() ? out.stride(0) : 0,
+                  out.defined() ? out.stride(1) : 1, call.sizes.d_in, call.sizes.d_out,
                   item.slot >= 0 ? call.rank_of(slot) : 0, item.slot >= 0 ? call.scale_of(slot) : 0.f,
                   call.accumulate};
 }
@@ -268,7 +269,7 @@ void add_lora_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a
                   const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& ranks,
                   const c10::optional<at::Tensor>& plan) {
   const LoraSizes sizes = check_lora_args("add_lora_", x, lora_a, lora_b, slot_ids, scales, ranks, plan);
-  check_out(out, x, sizes);
+  check_out("add_lora_", "out", out, x, sizes);
   run_lora_cpu(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan, sizes, /*accumulate=*/true);
 }
 

@@ -2,6 +2,8 @@
 // plan lookup, per-slot rank and scale, and the argument structs passed to the kernels.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -11,6 +13,14 @@ namespace lora_ext {
 namespace cuda {
 
 constexpr int kWarp = 32;
+
+// The CUDA element type of a torch scalar type.
+template <typename T>
+struct DeviceType { using type = T; };
+template <>
+struct DeviceType<c10::Half> { using type = __half; };
+template <>
+struct DeviceType<c10::BFloat16> { using type = __nv_bfloat16; };
 
 // ---- element conversion ----------------------------------------------------------------------
 __device__ __forceinline__ float to_float(float v) { return v; }

@@ -21,13 +21,6 @@ at::Tensor build_plan_cuda(const at::Tensor& slot_ids, int64_t num_slots);
 
 namespace {
 
-template <typename T>
-struct DeviceType { using type = T; };
-template <>
-struct DeviceType<at::Half> { using type = __half; };
-template <>
-struct DeviceType<at::BFloat16> { using type = __nv_bfloat16; };
-
 struct DeviceInfo {
   int sm_count = 0;
   int major = 0;
@@ -135,6 +128,8 @@ void launch_all(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
   launch_expand_simt<T>(expand, expand_tiles, choose_b_layout(lora_b, E), stream);
 }
 
+}  // namespace
+
 void run_lora_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
                    const at::Tensor& lora_b, const at::Tensor& slot_ids,
                    const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& ranks,
@@ -164,6 +159,8 @@ void run_lora_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_
   }
 }
 
+namespace {
+
 at::Tensor lora_delta_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                            const at::Tensor& slot_ids, const c10::optional<at::Tensor>& scales,
                            const c10::optional<at::Tensor>& ranks,
@@ -179,7 +176,7 @@ void add_lora_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_
                    const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& ranks,
                    const c10::optional<at::Tensor>& plan) {
   const LoraSizes s = check_lora_args("add_lora_", x, lora_a, lora_b, slot_ids, scales, ranks, plan);
-  check_out(out, x, s);
+  check_out("add_lora_", "out", out, x, s);
   run_lora_cuda(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan, s, /*accumulate=*/true);
 }
 

@@ -1,0 +1,221 @@
+// lora_backward on CPU: the gradients of the LoRA delta. For every slot s (rank r, scale c) and
+// each of its rows t:
+//   v_t = c B_s[:, :r]^T dy_t      u_t = c A_s[:r] x_t                      (float32, r values)
+//   dx_t = A_s[:r]^T v_t           dA_s[:r] = sum_t v_t x_t^T      dB_s[:, :r] = sum_t dy_t u_t^T
+// u is recomputed rather than saved by the forward: the dx expand reads A_s anyway, and the
+// shrink that recomputes u reads it just before, so A_s comes from DRAM once.
+//
+// A slot is one work unit: its sums over rows stay in one thread, in row order, so results do not
+// depend on the thread count. Slots with many rows (cpu_gemm_min_rows) run as ATen GEMMs. Each
+// slot reads only its own rows: a NaN in one row's dy or x reaches only that row's dx and that
+// slot's dA and dB. Gradient rows beyond a slot's rank, slots without rows, and dx rows without an
+// adapter are exactly zero.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+#include <vector>
+
+#include "cpu/item_kernels.h"
+#include "cpu/outer_kernels.h"
+#include "cpu/work.h"
+#include "lora_args.h"
+#include "plan.h"
+
+namespace lora_ext {
+namespace cpu {
+namespace {
+
+struct Grads {
+  at::Tensor dx, da, db;  // undefined where not asked for
+};
+
+// The tensors of one backward call and where a slot's pieces start.
+struct BackwardCall {
+  const at::Tensor& dy;
+  const at::Tensor& x;
+  const at::Tensor& lora_a;
+  const at::Tensor& lora_b;
+  const LoraCall& lora;  // x, A, B, scales, ranks, sizes
+  Grads& grads;
+
+  template <typename Ptr>
+  static Ptr slot_ptr(const at::Tensor& t, int64_t slot) {
+    return reinterpret_cast<Ptr>(static_cast<char*>(t.data_ptr()) + slot * t.stride(0) * t.element_size());
+  }
+};
+
+// v = c B^T dy for the unit's rows: the forward shrink with dy as x and B's rank rows as A.
+ItemArgs shrink_dy_by_b(const BackwardCall& c, const WorkItem& unit, const int32_t* order) {
+  ItemArgs a{};
+  a.x = c.dy.data_ptr();
+  a.x_row_stride = c.dy.stride(0);
+  a.x_col_stride = c.dy.stride(1);
+  a.rows = order + unit.first;
+  a.count = unit.count;
+  a.a = BackwardCall::slot_ptr<const void*>(c.lora_b, unit.slot);
+  a.a_rank_stride = c.lora_b.stride(2);
+  a.a_col_stride = c.lora_b.stride(1);
+  a.b_out_stride = a.b_rank_stride = a.out_col_stride = 1;  // not read
+  a.d_in = c.lora.sizes.d_out;
+  a.rank = c.lora.rank_of(unit.slot);
+  a.scale = c.lora.scale_of(unit.slot);
+  return a;
+}
+
+// dx = A^T v for the unit's rows: the forward expand with A's rank rows as B (rank-major).
+ItemArgs expand_v_by_a(const BackwardCall& c, const WorkItem& unit, const int32_t* order) {
+  ItemArgs a{};
+  a.rows = order + unit.first;
+  a.count = unit.count;
+  a.b = BackwardCall::slot_ptr<const void*>(c.lora_a, unit.slot);
+  a.b_out_stride = c.lora_a.stride(2);
+  a.b_rank_stride = c.lora_a.stride(1);
+  a.x_col_stride = a.a_col_stride = 1;  // not read
+  a.out = c.grads.dx.data_ptr();
+  a.out_row_stride = c.grads.dx.stride(0);
+  a.out_col_stride = c.grads.dx.stride(1);
+  a.d_out = c.lora.sizes.d_in;
+  a.rank = c.lora.rank_of(unit.slot);
+  a.accumulate = false;
+  return a;
+}
+
+// dA_s = v^T x (w = v, y = x) or dB_s^T = u^T dy (w = u, y = dy), into the slot's gradient.
+OuterArgs outer_args(const at::Tensor& y, const at::Tensor& grad, int64_t rank_dim, int64_t col_dim,
+                     const WorkItem& unit, const int32_t* order, const float* w, int64_t rank) {
+  return OuterArgs{y.data_ptr(), y.stride(0), y.stride(1), order + unit.first, unit.count, w, rank,
+                   BackwardCall::slot_ptr<void*>(grad, unit.slot), grad.stride(rank_dim), grad.stride(col_dim),
+                   y.size(1)};
+}
+
+OuterKernel choose_outer_kernel(at::ScalarType dtype, const OuterArgs& example) {
+  OuterKernel kernel;
+  if (!portable_forced() && avx512_outer_kernel(dtype, example, &kernel)) return kernel;
+  return portable_outer_kernel(dtype);
+}
+
+// The float32 rows a portable shrink reads (AVX-512 shrinks read their rows directly).
+const float* rows_for(const ItemKernels& k, const ItemArgs& args, ReusedBuffer& buffer) {
+  if (k.rows_to_float == nullptr) return nullptr;
+  float* xs = buffer.get(args.count * args.d_in);
+  k.rows_to_float(args, xs);
+  return xs;
+}
+
+// One slot on the calling thread.
+void run_unit(const BackwardCall& c, const WorkItem& unit, const int32_t* order) {
+  thread_local ReusedBuffer u_buffer, v_buffer, rows_buffer;
+  const at::ScalarType dtype = c.x.scalar_type();
+  const ItemArgs by_b = shrink_dy_by_b(c, unit, order);
+  const ItemArgs by_a = item_args(c.lora, order, unit);
+  const int64_t rank = by_a.rank;
+  float* v = v_buffer.get(unit.count * rank);
+  float* u = u_buffer.get(unit.count * rank);
+  const ItemKernels kb = choose_item_kernels(dtype, by_b);
+  kb.shrink(by_b, rows_for(kb, by_b, rows_buffer), 0, rank, v);
+  const bool need_u = c.grads.db.defined();
+  if (need_u || c.grads.dx.defined()) {
+    const ItemKernels ka = choose_item_kernels(dtype, by_a);
+    if (need_u) ka.shrink(by_a, rows_for(ka, by_a, rows_buffer), 0, rank, u);
+    if (c.grads.dx.defined()) {
+      const ItemArgs dx = expand_v_by_a(c, unit, order);
+      choose_item_kernels(dtype, dx).expand(dx, v, 0, dx.d_out);
+    }
+  }
+  if (c.grads.da.defined()) {
+    const OuterArgs da = outer_args(c.x, c.grads.da, 1, 2, unit, order, v, rank);
+    choose_outer_kernel(dtype, da).run(da, 0, da.width);
+  }
+  if (need_u) {
+    const OuterArgs db = outer_args(c.dy, c.grads.db, 2, 1, unit, order, u, rank);
+    choose_outer_kernel(dtype, db).run(db, 0, db.width);
+  }
+}
+
+// One slot with many rows as ATen GEMMs (intermediates in the inputs' dtype, as the forward's
+// GEMM path rounds them).
+void run_gemm_unit(const BackwardCall& c, const at::Tensor& plan_order, const WorkItem& unit) {
+  const int64_t rank = c.lora.rank_of(unit.slot);
+  const double scale = c.lora.scale_of(unit.slot);
+  const at::Tensor a = c.lora_a.select(0, unit.slot).narrow(0, 0, rank);  // (rank, d_in)
+  const at::Tensor b = c.lora_b.select(0, unit.slot).narrow(1, 0, rank);  // (d_out, rank)
+  const at::Tensor rows = plan_order.narrow(0, unit.first, unit.count).to(at::kLong);
+  const at::Tensor xs = c.x.index_select(0, rows), dys = c.dy.index_select(0, rows);
+  const at::Tensor v = at::mm(dys, b).mul_(scale);  // (count, rank)
+  if (c.grads.dx.defined()) c.grads.dx.index_copy_(0, rows, at::mm(v, a));
+  if (c.grads.da.defined()) {
+    at::Tensor da = c.grads.da.select(0, unit.slot).narrow(0, 0, rank);
+    da.copy_(at::mm(v.t(), xs));
+  }
+  if (c.grads.db.defined()) {
+    at::Tensor db = c.grads.db.select(0, unit.slot).narrow(1, 0, rank);
+    db.copy_(at::mm(dys.t(), at::mm(xs, a.t()).mul_(scale)));
+  }
+}
+
+// Zeroes what no unit writes: weight gradients beyond each slot's rank (all of a slot without
+// rows), so the gradient of every stacked buffer is defined everywhere.
+void zero_unwritten(const BackwardCall& c, const std::vector<bool>& has_unit) {
+  for (int64_t s = 0; s < c.lora.sizes.slots; ++s) {
+    const int64_t rank = has_unit[s] ? c.lora.rank_of(s) : 0;
+    const int64_t rest = c.lora.sizes.max_rank - rank;
+    if (rest == 0) continue;
+    if (c.grads.da.defined()) c.grads.da.select(0, s).narrow(0, rank, rest).zero_();
+    if (c.grads.db.defined()) c.grads.db.select(0, s).narrow(1, rank, rest).zero_();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const at::Tensor& slot_ids, const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& ranks,
+    const c10::optional<at::Tensor>& plan_arg, std::array<bool, 3> output_mask) {
+  const LoraSizes sizes = check_lora_args("lora_backward", x, lora_a, lora_b, slot_ids, scales, ranks, plan_arg);
+  check_out("lora_backward", "grad_out", dy, x, sizes);
+  check_slot_and_rank_values(slot_ids, ranks, sizes);
+  Grads grads;
+  if (output_mask[0]) grads.dx = at::zeros({sizes.rows, sizes.d_in}, x.options());
+  if (output_mask[1]) grads.da = at::empty_like(lora_a);
+  if (output_mask[2]) grads.db = at::empty_like(lora_b);
+  std::vector<bool> has_unit(sizes.slots, false);
+  if (sizes.rows == 0 || !(output_mask[0] || output_mask[1] || output_mask[2])) {
+    zero_unwritten(BackwardCall{dy, x, lora_a, lora_b, LoraCall{x, lora_a, lora_b, grads.dx, scales, ranks, sizes,
+                                                                 false}, grads}, has_unit);
+    return {grads.dx, grads.da, grads.db};
+  }
+  const at::Tensor plan = plan_for(slot_ids, plan_arg, sizes);
+  const PlanLayout layout{sizes.rows, sizes.slots};
+  const int32_t* offsets = plan.data_ptr<int32_t>() + layout.offsets();
+  const at::Tensor plan_order = plan.narrow(0, layout.order(), sizes.rows);
+  at::Tensor unused_out;
+  const LoraCall lora{x, lora_a, lora_b, unused_out, scales, ranks, sizes, /*accumulate=*/false};
+  const BackwardCall call{dy, x, lora_a, lora_b, lora, grads};
+
+  std::vector<WorkItem> units, gemm_units;
+  const int64_t gemm_rows = setting(Setting::kCpuGemmMinRows);
+  for (int64_t s = 0; s < sizes.slots; ++s) {
+    const int64_t count = offsets[s + 1] - offsets[s];
+    if (count == 0 || lora.rank_of(s) == 0) continue;
+    has_unit[s] = true;
+    (count >= gemm_rows ? gemm_units : units).push_back({s, offsets[s], count});
+  }
+  zero_unwritten(call, has_unit);
+  if (!gemm_units.empty()) count_path(KernelPath::kCpuGemmSegments);
+  for (const WorkItem& unit : gemm_units) run_gemm_unit(call, plan_order, unit);
+  if (units.empty()) return {grads.dx, grads.da, grads.db};
+  count_path(choose_item_kernels(x.scalar_type(), item_args(lora, plan_order.data_ptr<int32_t>(), units[0])).path);
+  const int32_t* order = plan_order.data_ptr<int32_t>();
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) run_unit(call, units[i], order);
+  });
+  return {grads.dx, grads.da, grads.db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) { m.impl("lora_backward", &lora_backward_cpu); }
+
+}  // namespace cpu
+}  // namespace lora_ext
