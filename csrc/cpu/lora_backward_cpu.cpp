@@ -135,8 +135,9 @@ void run_unit(const BackwardCall& c, const WorkItem& unit, const int32_t* order)
   }
 }
 
-// One slot with many rows as ATen GEMMs (intermediates in the inputs' dtype, as the forward's
-// GEMM path rounds them).
+// One slot with many rows as ATen GEMMs. The scale goes in as the GEMMs' alpha, so each result is
+// rounded once more than the float32 sums of the item path: v and u once to the inputs' dtype (as
+// the forward's GEMM path rounds u), the gradients once.
 void run_gemm_unit(const BackwardCall& c, const at::Tensor& plan_order, const WorkItem& unit) {
   const int64_t rank = c.lora.rank_of(unit.slot);
   const double scale = c.lora.scale_of(unit.slot);
@@ -144,16 +145,17 @@ void run_gemm_unit(const BackwardCall& c, const at::Tensor& plan_order, const Wo
   const at::Tensor b = c.lora_b.select(0, unit.slot).narrow(1, 0, rank);  // (d_out, rank)
   const at::Tensor rows = plan_order.narrow(0, unit.first, unit.count).to(at::kLong);
   const at::Tensor xs = c.x.index_select(0, rows), dys = c.dy.index_select(0, rows);
-  const at::Tensor v = at::mm(dys, b).mul_(scale);  // (count, rank)
-  if (c.grads.dx.defined()) c.grads.dx.index_copy_(0, rows, at::mm(v, a));
-  if (c.grads.da.defined()) {
-    at::Tensor da = c.grads.da.select(0, unit.slot).narrow(0, 0, rank);
-    da.copy_(at::mm(v.t(), xs));
+  // dst = scale * m1 @ m2 (beta = 0: dst's old contents are not read)
+  auto scaled_mm = [scale](at::Tensor dst, const at::Tensor& m1, const at::Tensor& m2) {
+    at::addmm_out(dst, dst, m1, m2, /*beta=*/0, /*alpha=*/scale);
+    return dst;
+  };
+  const at::Tensor v = at::mm(dys, b);  // (count, rank), unscaled
+  if (c.grads.dx.defined()) {
+    c.grads.dx.index_copy_(0, rows, scaled_mm(at::empty({unit.count, a.size(1)}, a.options()), v, a));
   }
-  if (c.grads.db.defined()) {
-    at::Tensor db = c.grads.db.select(0, unit.slot).narrow(1, 0, rank);
-    db.copy_(at::mm(dys.t(), at::mm(xs, a.t()).mul_(scale)));
-  }
+  if (c.grads.da.defined()) scaled_mm(c.grads.da.select(0, unit.slot).narrow(0, 0, rank), v.t(), xs);
+  if (c.grads.db.defined()) scaled_mm(c.grads.db.select(0, unit.slot).narrow(1, 0, rank), dys.t(), at::mm(xs, a.t()));
 }
 
 // Zeroes what no unit writes: weight gradients beyond each slot's rank (all of a slot without

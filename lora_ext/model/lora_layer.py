@@ -69,7 +69,7 @@ class LoraLayer(torch.nn.Module):
 
     def forward(self, x, *args, **kwargs):
         batch = current_batch(self._owner)
-        # _modules and _parameters directly: nn.Module.__getattr__ costs ~0.7 us a lookup, and
+        # _modules and _parameters directly: nn.Module.__getattr__ is slow (benchmarks/NOTES.md), and
         # this runs once per patched layer per forward pass.
         base = self._modules["base_layer"]
         if batch is None or not batch.any_adapter:
