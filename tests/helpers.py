@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from lora_ext.reference import lora_delta_ref
-from tolerances import ROW_RTOL
+from lora_ext.reference import linear_lora_ref, lora_delta_ref
+from tolerances import ACCUMULATION_FLOOR, FLOAT32_UNIT_ROUNDOFF, FLOOR, PYTORCH_ERROR_FACTOR, ROW_RTOL
 
 DISTRIBUTIONS = ("sorted", "unsorted", "with_none", "one_slot", "all_none", "distinct")
 
@@ -66,16 +66,36 @@ def make_inputs(rows, d_in, d_out, slots, max_rank, dtype, device, distribution=
                 ranks=None if ranks is None else ranks.to(device))
 
 
+def _on_cpu(inputs):
+    return {k: (v.cpu() if v is not None else None) for k, v in inputs.items()}
+
+
 def reference64(inputs):
     """The float64 reference result of make_inputs' arguments (on CPU)."""
-    cpu = {k: (v.cpu() if v is not None else None) for k, v in inputs.items()}
+    cpu = _on_cpu(inputs)
     return lora_delta_ref(cpu["x"].double(), cpu["lora_a"].double(), cpu["lora_b"].double(),
                           cpu["slot_ids"], cpu["scales"], cpu["ranks"], compute_dtype=torch.float64)
 
 
+def pytorch_delta(inputs):
+    """lora_delta done by plain PyTorch on CPU in the inputs' dtype, the yardstick of tolerances.py:
+    x @ A^T rounded to the dtype, @ B^T rounded again, times the scale rounded again."""
+    cpu = _on_cpu(inputs)
+    return lora_delta_ref(**cpu, compute_dtype=cpu["x"].dtype)
+
+
+def pytorch_linear_lora(inputs, weight, bias):
+    """linear_lora done by plain PyTorch on CPU in the inputs' dtype: F.linear in the dtype plus
+    pytorch_delta, summed in the dtype."""
+    cpu = _on_cpu(inputs)
+    return linear_lora_ref(cpu.pop("x"), weight.cpu(), None if bias is None else bias.cpu(), **cpu,
+                           compute_dtype=inputs["x"].dtype)
+
+
 def magnitude64(inputs):
-    """The reference computed on absolute values: the scale that rounding errors are relative to
-    (a dot product's error bound grows with sum |a_i b_i|, not with |sum a_i b_i|)."""
+    """The reference computed on absolute values (|B| |A| |x|, scaled by |scale|): what float32
+    accumulation errors are bounded by (a dot product's error grows with sum |a_i b_i|, not with
+    |sum a_i b_i|); see ACCUMULATION_FLOOR in tolerances.py."""
     cpu = {k: (v.cpu() if v is not None else None) for k, v in inputs.items()}
     scales = cpu["scales"].abs() if cpu["scales"] is not None else None
     return lora_delta_ref(cpu["x"].double().abs(), cpu["lora_a"].double().abs(), cpu["lora_b"].double().abs(),
@@ -92,9 +112,69 @@ def zero_rows(inputs):
     return zero
 
 
+def row_errors(actual, expected, pytorch, magnitude):
+    """Per row, in float64 on CPU: ||actual - expected||, ||pytorch - expected||, ||expected||, ||magnitude||."""
+    expected = expected.cpu().double()
+    return ((actual.detach().cpu().double() - expected).norm(dim=1),
+            (pytorch.detach().cpu().double() - expected).norm(dim=1), expected.norm(dim=1),
+            magnitude.cpu().double().norm(dim=1))
+
+
+def assert_rows_match(actual, expected, pytorch, magnitude, dtype, exact_zero_rows=None, what="result"):
+    """The rule of tolerances.py, row by row: ||actual - expected|| <= min(PYTORCH_ERROR_FACTOR *
+    ||pytorch - expected|| + FLOOR[dtype] * ||expected|| + ACCUMULATION_FLOOR * 2^-24 * ||magnitude||,
+    ROW_RTOL[dtype] * ||magnitude||), where expected is the float64 reference, pytorch the same math
+    done by PyTorch in `dtype` and magnitude the reference on absolute values; listed rows exactly
+    equal to expected (exactly zero deltas); NaN or infinity never passes."""
+    assert actual.shape == expected.shape == pytorch.shape == magnitude.shape, \
+        f"{what}: shapes {tuple(actual.shape)}, {tuple(expected.shape)}, {tuple(pytorch.shape)}, {tuple(magnitude.shape)} differ"
+    host = actual.detach().cpu().double()
+    assert not torch.isnan(host).any(), f"{what}: NaN in rows {torch.isnan(host).any(1).nonzero().flatten()[:10].tolist()}"
+    assert torch.isfinite(expected).all() and torch.isfinite(pytorch).all(), f"{what}: the yardstick is not finite"
+    if actual.numel() == 0:
+        return
+    err, pytorch_err, size, mag = row_errors(host, expected, pytorch, magnitude)
+    rule = PYTORCH_ERROR_FACTOR * pytorch_err + FLOOR[dtype] * size + ACCUMULATION_FLOOR * FLOAT32_UNIT_ROUNDOFF * mag
+    bound = torch.minimum(rule, ROW_RTOL[dtype] * mag)
+    bad = ~(err <= bound)  # an infinite error fails too
+    if bad.any():
+        ratio = torch.where(bad, err / bound.clamp_min(1e-300), torch.zeros_like(err))
+        row = int(ratio.argmax())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {len(err)} rows off ({dtype}); worst row {row}: error {float(err[row]):.3g} "
+            f"> min({PYTORCH_ERROR_FACTOR} x PyTorch's {float(pytorch_err[row]):.3g} + {FLOOR[dtype]:.3g} x ||expected|| "
+            f"{float(size[row]):.3g} + {ACCUMULATION_FLOOR} x 2^-24 x ||magnitude|| {float(mag[row]):.3g}, {ROW_RTOL[dtype]} x "
+            f"||magnitude||) (error / ||expected|| = {float(err[row] / size[row].clamp_min(1e-300)):.3g})")
+    if exact_zero_rows is not None and exact_zero_rows.any():
+        assert (host[exact_zero_rows] == expected.cpu().double()[exact_zero_rows]).all(), \
+            f"{what}: rows that must be exact differ"
+
+
+def delta_yardsticks(inputs):
+    """What the rule of tolerances.py compares a delta with: reference64, pytorch_delta, magnitude64
+    and zero_rows of the inputs (compute once, pass to both checks below)."""
+    return reference64(inputs), pytorch_delta(inputs), magnitude64(inputs), zero_rows(inputs)
+
+
+def check_lora_delta(delta, inputs, what="lora_delta", yardsticks=None):
+    """lora_delta's result against the float64 reference under the rule of tolerances.py."""
+    expected, pytorch, magnitude, exact = yardsticks or delta_yardsticks(inputs)
+    assert_rows_match(delta, expected, pytorch, magnitude, inputs["x"].dtype, exact, what)
+
+
+def check_add_lora(out, before, inputs, what="add_lora_", yardsticks=None):
+    """add_lora_'s result (out, which held `before`) under the rule of tolerances.py; PyTorch's
+    version adds pytorch_delta to `before` in the dtype."""
+    expected, pytorch, magnitude, exact = yardsticks or delta_yardsticks(inputs)
+    before = before.cpu()
+    assert_rows_match(out, before.double() + expected, before + pytorch, before.double().abs() + magnitude,
+                      inputs["x"].dtype, exact, what)
+
+
 def assert_rows_close(actual, expected, dtype, exact_zero_rows=None, what="result", magnitude=None):
-    """Row-wise error under ROW_RTOL[dtype] relative to the row's magnitude (|expected|, or the
-    absolute-value reference when given); listed rows exactly zero; no NaN."""
+    """The earlier rule alone (see ROW_RTOL in tolerances.py): row-wise error under ROW_RTOL[dtype]
+    relative to the row's magnitude (|expected|, or the absolute-value reference when given);
+    listed rows exactly zero; no NaN."""
     actual = actual.detach().cpu().double()
     expected = expected.cpu().double()
     magnitude = expected.abs() if magnitude is None else magnitude.cpu().double()

@@ -6,7 +6,7 @@ import torch
 
 import lora_ext
 import lora_ext.reference
-from helpers import DISTRIBUTIONS, assert_rows_close, magnitude64, make_inputs, reference64
+from helpers import DISTRIBUTIONS, assert_rows_match, magnitude64, make_inputs, pytorch_linear_lora, reference64
 
 FUSED = {"fused": {}, "unfused": {"LORA_EXT_CPU_NO_FUSED_LINEAR": "1"}}
 # Rows around the fused path's limits (32 rows; 64 when d_in <= 4096) and sizes around its tiles
@@ -29,19 +29,20 @@ def base_layer(d_in, d_out, with_bias, dtype, seed):
     return weight, bias
 
 
-def expected_and_magnitude(inputs, weight, bias):
-    """The float64 result and the scale its rounding errors grow with (|x| |W|^T + |bias| + |delta terms|)."""
+def yardsticks(inputs, weight, bias):
+    """What tolerances.py's rule compares with: the float64 result, the same done by PyTorch in the
+    inputs' dtype, and the float64 result on absolute values (|x| |W|^T + |bias| + |delta terms|)."""
     x, w = inputs["x"].cpu().double(), weight.cpu().double()
     base = x @ w.T + (bias.cpu().double() if bias is not None else 0)
     magnitude = x.abs() @ w.abs().T + (bias.cpu().double().abs() if bias is not None else 0) + magnitude64(inputs)
-    return base + reference64(inputs), magnitude
+    return base + reference64(inputs), pytorch_linear_lora(inputs, weight, bias), magnitude
 
 
 def check(inputs, weight, bias, dtype, label):
-    expected, magnitude = expected_and_magnitude(inputs, weight, bias)
+    expected, pytorch, magnitude = yardsticks(inputs, weight, bias)
     out = lora_ext.linear_lora(inputs["x"], weight, bias, **{k: v for k, v in inputs.items() if k != "x"})
     assert out.dtype == dtype and out.shape == expected.shape
-    assert_rows_close(out, expected, dtype, what=f"linear_lora {label}", magnitude=magnitude)
+    assert_rows_match(out, expected, pytorch, magnitude, dtype, what=f"linear_lora {label}")
 
 
 def cases():
@@ -110,8 +111,10 @@ def test_fused_and_unfused_paths_agree(monkeypatch):
     fused = lora_ext.linear_lora(inputs["x"], weight, bias, **args)
     monkeypatch.setenv("LORA_EXT_CPU_NO_FUSED_LINEAR", "1")
     unfused = lora_ext.linear_lora(inputs["x"], weight, bias, **args)
-    _, magnitude = expected_and_magnitude(inputs, weight, bias)
-    assert_rows_close(fused, unfused.double(), torch.float32, magnitude=magnitude)
+    expected, pytorch, magnitude = yardsticks(inputs, weight, bias)
+    assert_rows_match(fused, expected, pytorch, magnitude, torch.float32, what="fused")
+    assert_rows_match(unfused, expected, pytorch, magnitude, torch.float32, what="unfused")
+    assert_rows_match(fused, unfused.double(), pytorch, magnitude, torch.float32, what="fused vs unfused")
 
 
 @pytest.mark.parametrize("bad,message", [

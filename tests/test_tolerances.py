@@ -1,0 +1,84 @@
+"""The tolerance rule of tolerances.py catches wrong kernels: each op, made wrong on purpose
+(delta scaled by 0.95, each adapter's last rank dropped, one row's delta dropped), fails the very
+checks the op tests use, in every dtype, at small sizes and 4097 wide; the real ops pass the same
+inputs, so the rule is neither too loose nor too tight there."""
+
+import inspect
+
+import pytest
+import torch
+
+import lora_ext
+import test_linear_lora
+import test_ops
+from helpers import make_inputs
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SIZES = [(67, 130), (64, 1), (4097, 64), (64, 4097)]  # (d_in, d_out)
+OPS = ["lora_delta", "add_lora_", "linear_lora"]
+REAL = {op: getattr(lora_ext, op) for op in OPS}
+
+
+def scaled(args):
+    """Every delta times 0.95."""
+    args["scales"] = args["scales"] * 0.95
+
+
+def rank_missing(args):
+    """Every adapter one rank short (clamped at 0)."""
+    args["ranks"] = (args["ranks"] - 1).clamp(min=0)
+
+
+def row_missing(args):
+    """The delta of the first row that has one (an adapter of rank > 0) missing."""
+    ids = args["slot_ids"].clone()
+    has_delta = (ids >= 0) & (args["ranks"][ids.clamp(min=0)] > 0)
+    ids[int(has_delta.nonzero()[0])] = -1
+    args["slot_ids"] = ids
+
+
+MUTATIONS = {"scaled_0.95": scaled, "rank_missing": rank_missing, "row_missing": row_missing}
+
+
+def mutated(op, mutation):
+    """The real op, called with arguments changed by `mutation`."""
+    real = REAL[op]
+    signature = inspect.signature(real)
+
+    def wrong(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        MUTATIONS[mutation](bound.arguments)
+        return real(*bound.args, **bound.kwargs)
+
+    return wrong
+
+
+def run_checks(op, dtype, d_in, d_out):
+    """The op tests' own checks: run_both_ops of test_ops, check of test_linear_lora."""
+    inputs = make_inputs(24, d_in, d_out, 5, 16, dtype, "cpu", "unsorted", seed=d_in + d_out)
+    if op == "linear_lora":
+        weight, bias = test_linear_lora.base_layer(d_in, d_out, True, dtype, seed=d_in)
+        test_linear_lora.check(inputs, weight, bias, dtype, "mutation test")
+    else:
+        test_ops.run_both_ops(inputs, dtype, "mutation test")
+
+
+def size_id(size):
+    return f"{size[0]}x{size[1]}"
+
+
+@pytest.mark.parametrize("size", SIZES, ids=size_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("op", ["lora_delta", "linear_lora"])  # run_both_ops checks add_lora_ as well
+def test_real_ops_pass(op, dtype, size):
+    run_checks(op, dtype, *size)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=size_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@pytest.mark.parametrize("op", OPS)
+def test_wrong_op_fails(monkeypatch, op, mutation, dtype, size):
+    monkeypatch.setattr(lora_ext, op, mutated(op, mutation))
+    with pytest.raises(AssertionError, match=f"^{op} mutation test: .* rows off"):
+        run_checks(op, dtype, *size)
