@@ -15,30 +15,17 @@ Two parts, both float32, timed with the weights rotated over more than the last-
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import lora_ext
-from lora_ext.bench.measure import machine_info, measure_bandwidth
+from lora_ext.bench.measure import machine_info, measure_bandwidth, median_interleaved
 
 GEMM_SHAPES = [(768, 768), (768, 2048), (2048, 768), (4096, 4096), (4096, 11008), (11008, 4096)]
 GEMM_ROWS = [1, 4, 16, 32, 64]
 MODEL_LAYERS = [(768, 768), (768, 256), (768, 256), (768, 768), (768, 2048), (768, 2048), (2048, 768)] * 4
 COLD_BYTES = 640 << 20
-
-
-def median_interleaved(fns, rounds):
-    """{name: median seconds} with every fn timed once per round, in turn."""
-    times = {name: [] for name in fns}
-    for _ in range(rounds + 1):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
 def no_adapter_args(rows, d_in, d_out):

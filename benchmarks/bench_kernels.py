@@ -18,14 +18,13 @@ import argparse
 import json
 import math
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 import lora_ext
-from lora_ext.bench.measure import machine_info, measure_bandwidth
+from lora_ext.bench.distributions import slot_ids_for, uniform_groups
+from lora_ext.bench.measure import cuda_event_seconds, machine_info, measure_bandwidth, median_seconds
 from lora_ext.reference import lora_delta_ref
 
 
@@ -48,28 +47,23 @@ class Case:
 # ---- adapter distributions --------------------------------------------------------------------
 
 def slot_ids(distribution, rows, generator):
-    """(ids, number of adapters) for one distribution over `rows` rows."""
-    if distribution == "identical":
-        return torch.zeros(rows, dtype=torch.long), 1
-    if distribution == "distinct":
-        return torch.randperm(rows, generator=generator), rows
-    if distribution == "uniform":
-        groups = max(1, round(math.sqrt(rows)))
-        return torch.randint(0, groups, (rows,), generator=generator), groups
-    if distribution == "zipf":
-        adapters = max(1, rows)
-        weights = 1.0 / torch.arange(1, adapters + 1, dtype=torch.float64) ** 1.5
-        return torch.multinomial(weights, rows, replacement=True, generator=generator), adapters
-    if distribution == "groups8":
-        return torch.randint(0, 8, (rows,), generator=generator), 8
-    if distribution == "none30":
-        ids = torch.randperm(rows, generator=generator)
-        ids[torch.rand(rows, generator=generator) < 0.3] = -1
-        return ids, rows
-    if distribution.startswith("runs"):  # runsN: N equal runs of consecutive rows
-        runs = int(distribution[4:])
-        return torch.arange(rows) * runs // rows, runs
-    raise ValueError(f"unknown distribution {distribution!r}")
+    """(ids, number of adapters) for one of the cases' distributions over `rows` rows, drawn by
+    lora_ext.bench.distributions (the op tests' module):
+      identical  every row on one adapter
+      distinct   one adapter per row, rows in random order
+      uniform    about sqrt(rows) adapters, each row a random one of them
+      zipf       as many adapters as rows, adapter k drawn with weight 1 / k^1.5
+      groups8    8 adapters, each row a random one of them
+      none30     distinct, then about 30% of the rows on the base model
+      runsN      N adapters over N equal runs of consecutive rows (prefill)
+    """
+    if distribution.startswith("runs"):
+        kind, adapters = "runs", int(distribution[4:])
+    else:
+        kind, adapters = {"identical": ("one_slot", 1), "distinct": ("shuffled", rows),
+                          "uniform": ("unsorted", uniform_groups(rows)), "zipf": ("zipf", max(1, rows)),
+                          "groups8": ("unsorted", 8), "none30": ("shuffled_with_none", rows)}[distribution]
+    return slot_ids_for(kind, rows, adapters, generator), adapters
 
 
 def make_set(case, device, generator):
@@ -162,63 +156,6 @@ METHODS = {"lora_ext": run_lora_ext, "loop": run_loop, "gather": run_gather, "de
 GRAPH_SAFE = {"lora_ext", "gather", "dense"}
 
 
-# ---- timers -----------------------------------------------------------------------------------
-
-def time_cpu(fn, sets, min_time):
-    """Median seconds per call, cycling through the sets, for at least min_time seconds."""
-    fn(sets[0])
-    samples, start = [], time.perf_counter()
-    while time.perf_counter() - start < min_time or len(samples) < 5:
-        for s in sets:
-            t0 = time.perf_counter()
-            fn(s)
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def time_cuda_eager(fn, sets, reps):
-    """Median seconds per call of back-to-back launches over the sets (launch overhead included)."""
-    for s in sets:
-        fn(s)
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for s in sets:
-            fn(s)
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / len(sets))
-    return statistics.median(samples)
-
-
-def time_cuda_graph(fn, sets, reps):
-    """Median seconds per call replaying one CUDA graph of a pass over the sets (no launch gaps
-    from the host: the device time of the kernels)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for s in sets:
-            fn(s)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for s in sets:
-            fn(s)
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / len(sets))
-    return statistics.median(samples)
-
-
 # ---- cases ----------------------------------------------------------------------------------------
 
 def build_cases(device, quick, dtypes):
@@ -286,12 +223,12 @@ def run_case(case, device, bandwidth, timer, cold_bytes):
     row["lora_ext_cold_s"] = timer(run_lora_ext, sets)
     row["lora_ext_hot_s"] = timer(run_lora_ext, sets[:1])
     if device == "cuda":
-        row["lora_ext_eager_cold_s"] = time_cuda_eager(run_lora_ext, sets, 10)
+        row["lora_ext_eager_cold_s"] = cuda_event_seconds(run_lora_ext, sets, 10)
     row["floor_s"] = row["min_bytes"] / bandwidth
     row["share_of_bandwidth"] = row["floor_s"] / row["lora_ext_cold_s"]
     row["effective_gbps"] = row["min_bytes"] / row["lora_ext_cold_s"] / 1e9
     for name in case.baselines:
-        baseline_timer = timer if (device == "cpu" or name in GRAPH_SAFE) else (lambda f, ss: time_cuda_eager(f, ss, 5))
+        baseline_timer = timer if (device == "cpu" or name in GRAPH_SAFE) else (lambda f, ss: cuda_event_seconds(f, ss, 5))
         row[f"{name}_s"] = baseline_timer(METHODS[name], sets[: max(2, len(sets) // 4)] if name in ("ref", "loop") else sets)
         row[f"speedup_vs_{name}"] = row[f"{name}_s"] / row["lora_ext_cold_s"]
     if case.extra.get("compare_rank_by_rank"):
@@ -336,10 +273,10 @@ def main(argv=None):
     dtypes = args.dtypes or (["bfloat16", "float32"] if device == "cpu" else ["bfloat16"])
     cold_bytes = (args.cold_mb or (640 if device == "cpu" else 256)) * 2**20
     bandwidth = measure_bandwidth(device)
-    if device == "cpu":
-        timer = lambda fn, sets: time_cpu(fn, sets, args.min_time)  # noqa: E731
-    else:
-        timer = lambda fn, sets: time_cuda_graph(fn, sets, 20)  # noqa: E731
+    if device == "cpu":  # median wall time per call, cycling through the sets
+        timer = lambda fn, sets: median_seconds(fn, sets, min_time=args.min_time)  # noqa: E731
+    else:  # median per call of a replayed CUDA graph of a pass over the sets
+        timer = lambda fn, sets: cuda_event_seconds(fn, sets, 20, graph=True)  # noqa: E731
     rows = []
     for case in build_cases(device, args.quick, dtypes):
         if args.filter not in case.name:

@@ -1,4 +1,5 @@
-"""Timing and the memory-bandwidth limit, shared by both benchmarks."""
+"""Timing, the memory-bandwidth limit and the machine's description, shared by `lora-ext bench`,
+benchmarks/bench_kernels.py and benchmarks/bench_fused_linear.py."""
 
 import os
 import platform
@@ -10,18 +11,97 @@ import time
 import torch
 
 
-def median_seconds(fn, min_time=0.3, min_runs=5):
-    """Median wall time of fn() over repeated runs (CUDA work synchronized around each run)."""
-    fn()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+def seconds(fn, *args, device=None):
+    """(fn(*args), wall seconds it took); with a CUDA device, its work is synchronized before and
+    after, so the time covers the work and not only its launch."""
+    sync = _synchronizer(device)
+    sync()
+    t0 = time.perf_counter()
+    result = fn(*args)
+    sync()
+    return result, time.perf_counter() - t0
+
+
+def median_seconds(fn, inputs=None, min_time=0.3, min_runs=5, device=None):
+    """Median wall seconds of one call of fn() or, with `inputs`, of fn(x), cycling through them in
+    whole passes (so that a working set larger than the last-level cache is read cold), over at
+    least min_time seconds and min_runs calls, after one warm-up call. With a CUDA device each
+    call is synchronized (see seconds())."""
+    calls = [()] if inputs is None else [(x,) for x in inputs]
+    fn(*calls[0])
     samples, start = [], time.perf_counter()
     while time.perf_counter() - start < min_time or len(samples) < min_runs:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - t0)
+        for args in calls:
+            samples.append(seconds(fn, *args, device=device)[1])
     return statistics.median(samples)
+
+
+def interleaved_rounds(calls, rounds, before_round=None):
+    """Runs every call of {name: call} once per round, in turn, for one warm-up round and then
+    `rounds` rounds, so that drift in the machine's speed hits all of them alike.
+
+    Returns {name: [what the call returned in each round after the warm-up]}, and under
+    "before_round" what before_round() returned ahead of each of those rounds (if given).
+    """
+    results = {name: [] for name in calls}
+    if before_round is not None:
+        results["before_round"] = []
+    for round_index in range(rounds + 1):
+        if before_round is not None and round_index > 0:
+            results["before_round"].append(before_round())
+        for name, call in calls.items():
+            result = call()
+            if round_index > 0:
+                results[name].append(result)
+    return results
+
+
+def median_interleaved(fns, rounds, device=None):
+    """{name: median seconds of fn()} with the fns timed in interleaved rounds (interleaved_rounds)."""
+    times = interleaved_rounds({name: (lambda f=fn: seconds(f, device=device)[1]) for name, fn in fns.items()},
+                               rounds)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def cuda_event_seconds(fn, inputs, reps, graph=False):
+    """Median seconds per call of fn(x) over the inputs, timed with CUDA events over `reps` passes.
+
+    graph=False: back-to-back launches (launch overhead included). graph=True: one CUDA graph of a
+    pass over the inputs, replayed (no launch gaps from the host: the device time of the kernels).
+    """
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for x in inputs:
+                fn(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            for x in inputs:
+                fn(x)
+        one_pass = cuda_graph.replay
+    else:
+        def one_pass():
+            for x in inputs:
+                fn(x)
+    one_pass()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        one_pass()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / len(inputs))
+    return statistics.median(samples)
+
+
+def _synchronizer(device):
+    if device is not None and torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def measure_bandwidth(device):
@@ -39,7 +119,7 @@ def measure_bandwidth(device):
         return max(n * 4 / median_seconds(probe, min_time=1.0) for probe in probes)
     x = torch.ones(n, device=device)
     y = torch.empty_like(x)
-    return 2 * n * 4 / median_seconds(lambda: y.copy_(x), min_time=0.5)
+    return 2 * n * 4 / median_seconds(lambda: y.copy_(x), min_time=0.5, device=device)
 
 
 class BandwidthProbe:

@@ -1,36 +1,45 @@
 """The benchmark's outputs: a table, a JSON file with every figure and the setup, a PNG plot."""
 
 import json
+import logging
 import os
 
-# (title, meaning, width, number format or None for text, key in each row)
+# (title, meaning, number format or None for text, key in each row); widths follow the content.
 COLUMNS = [
-    ("scenario", "how the batch is served", 34, None, "scenario"),
-    ("adapters", "distinct adapters in the batch", 8, "d", "adapters"),
-    ("prefill tok/s", "prompt tokens per second (median of repeats)", 13, ".0f", "prefill_tokens_per_s"),
+    ("scenario", "how the batch is served", None, "scenario"),
+    ("adapters", "distinct adapters in the batch", "d", "adapters"),
+    ("prefill tok/s", "prompt tokens per second (median of repeats)", ".0f", "prefill_tokens_per_s"),
     ("decode tok/s", "generated tokens per second (median over steps and repeats; the adapter-by-adapter\n"
-     "                 and PEFT rows time a third of the steps per round)", 12, ".1f", "decode_tokens_per_s"),
-    ("step ms", "one decode step for the whole batch", 8, ".2f", "decode_step_ms"),
-    ("overhead ms", "decode step time beyond the base model's", 11, ".2f", "overhead_ms"),
-    ("floor ms", "time to stream the adapter bytes one step reads, at the measured bandwidth", 8, ".2f", "floor_ms"),
-    ("over/floor", "overhead / floor (1.0 = at the memory limit)", 10, ".2f", "overhead_over_floor"),
+     "and PEFT rows time a third of the steps per round)", ".1f", "decode_tokens_per_s"),
+    ("step ms", "one decode step for the whole batch", ".2f", "decode_step_ms"),
+    ("overhead ms", "decode step time beyond the base model's", ".2f", "overhead_ms"),
+    ("floor ms", "time to stream the adapter bytes one step reads, at the measured bandwidth", ".2f", "floor_ms"),
+    ("over/floor", "overhead / floor (1.0 = at the memory limit)", ".2f", "overhead_over_floor"),
 ]
 
 
-def _cell(value, width, spec):
+def _text(value, spec):
     if value is None:
-        return f"{'-':>{width}}"
-    return f"{value:<{width}}" if spec is None else f"{value:>{width}{spec}}"
+        return "-"
+    return str(value) if spec is None else format(value, spec)
 
 
 def format_table(rows):
-    header = " ".join(f"{t:<{w}}" if spec is None else f"{t:>{w}}" for t, _, w, spec, _ in COLUMNS)
-    body = [" ".join(_cell(row.get(key), w, spec) for _, _, w, spec, key in COLUMNS) for row in rows]
-    return "\n".join([header] + body)
+    """The rows as a table: text left-aligned, numbers right-aligned, each column as wide as its
+    widest cell."""
+    cells = [[title for title, _, _, _ in COLUMNS]] + [[_text(row.get(key), spec) for _, _, spec, key in COLUMNS]
+                                                         for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return "\n".join(" ".join(cell.ljust(w) if spec is None else cell.rjust(w)
+                              for cell, w, (_, _, spec, _) in zip(line, widths, COLUMNS)).rstrip()
+                     for line in cells)
 
 
 def column_help():
-    return "\n".join(f"  {title:14} {meaning}" for title, meaning, _, _, _ in COLUMNS)
+    """What each column means, one column a line (continuations indented under the meaning)."""
+    width = max(len(title) for title, _, _, _ in COLUMNS)
+    indent = "\n" + " " * (width + 4)
+    return "\n".join(f"  {title:{width}}  {indent.join(meaning.splitlines())}" for title, meaning, _, _ in COLUMNS)
 
 
 def write_json(path, result):
@@ -46,10 +55,18 @@ def write_plot(path, rows, title):
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A first run on a machine builds matplotlib's font cache and says so; nothing to act on.
+    font_log = logging.getLogger("matplotlib.font_manager")
+    level = font_log.level
+    font_log.setLevel(logging.ERROR)
+    try:
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    finally:
+        font_log.setLevel(level)
 
     names = [r["scenario"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, key, label in ((axes[0], "prefill_tokens_per_s", "prefill tokens/s"),
                            (axes[1], "decode_tokens_per_s", "decode tokens/s")):
         values = [r[key] for r in rows]
@@ -64,6 +81,10 @@ def write_plot(path, rows, title):
     plt.close(fig)
 
 
-def ensure_dir(path):
-    os.makedirs(path, exist_ok=True)
-    return path
+def write_outputs(out_dir, result, text, plot_title):
+    """bench.json, bench.txt and bench.png into out_dir (made if missing)."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "bench.json"), result)
+    with open(os.path.join(out_dir, "bench.txt"), "w") as f:
+        f.write(text + "\n")
+    write_plot(os.path.join(out_dir, "bench.png"), result["rows"], plot_title)
