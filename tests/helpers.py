@@ -4,27 +4,9 @@ import math
 
 import torch
 
+from lora_ext.bench.distributions import DISTRIBUTIONS, slot_ids_for  # noqa: F401  (tests import DISTRIBUTIONS from here)
 from lora_ext.reference import linear_lora_ref, lora_delta_ref
 from tolerances import ACCUMULATION_FLOOR, FLOAT32_UNIT_ROUNDOFF, FLOOR, PYTORCH_ERROR_FACTOR, ROW_RTOL
-
-DISTRIBUTIONS = ("sorted", "unsorted", "with_none", "one_slot", "all_none", "distinct")
-
-
-def slot_ids_for(distribution, rows, slots, generator):
-    """Slot ids of one adapter distribution over a batch."""
-    if distribution == "one_slot":
-        return torch.full((rows,), slots - 1, dtype=torch.long)
-    if distribution == "all_none":
-        return torch.full((rows,), -1, dtype=torch.long)
-    if distribution == "distinct":
-        return torch.arange(rows) % slots
-    ids = torch.randint(0, slots, (rows,), generator=generator)
-    if distribution == "sorted":
-        return ids.sort().values
-    if distribution == "with_none":
-        ids[torch.rand(rows, generator=generator) < 0.3] = -1
-    return ids
-
 
 def random_ranks(slots, max_rank, generator):
     """Mixed ranks covering 0, 1 and R whenever there are enough slots."""
