@@ -385,7 +385,7 @@ def test_churn_with_concurrent_load_and_unload(tmp_path):
         stop.set()
         worker.join(30)
     assert not errors, errors
-    assert all(p == 0 for p in mm._slots.pins), "a slot stayed pinned after its batch"
+    assert all(p == 0 for p in mm.store.pins()), "a slot stayed pinned after its batch"
     resident = {a["name"] for a in mm.adapters() if a["slot"] is not None}
     assert resident <= set(paths) | set(extra) and len(resident) <= 4
     assert mm.stats()["slot_evictions"] > 100 and mm.stats()["disk_reads"] > 0

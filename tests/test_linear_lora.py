@@ -6,9 +6,10 @@ import torch
 
 import lora_ext
 import lora_ext.reference
+from lora_ext import kernel_config
 from helpers import DISTRIBUTIONS, assert_rows_match, magnitude64, make_inputs, pytorch_linear_lora, reference64
 
-FUSED = {"fused": {}, "unfused": {"LORA_EXT_CPU_NO_FUSED_LINEAR": "1"}}
+FUSED = {"fused": {}, "unfused": {"cpu_fused_linear": False}}
 # Rows around the fused path's limits (32 rows; 64 when d_in <= 4096) and sizes around its tiles
 # (4 rows x 6 columns x 16 along d_in), with d_in above 4096 once.
 ROWS = [0, 1, 5, 32, 33, 64, 65, 200]
@@ -16,10 +17,13 @@ SIZES = [(1, 1), (3, 64), (64, 3), (17, 13), (768, 256), (4097, 64), (64, 4097)]
 
 
 @pytest.fixture(params=list(FUSED))
-def fusion(request, monkeypatch):
-    for name, value in FUSED[request.param].items():
-        monkeypatch.setenv(name, value)
-    return request.param
+def fusion(request):
+    """Runs the test with linear_lora's fused CPU path allowed or turned off; with it off, no call
+    may take it."""
+    with kernel_config.configured(**FUSED[request.param]), kernel_config.paths_taken() as taken:
+        yield request.param
+    if request.param == "unfused":
+        assert "cpu_linear_fused" not in taken, taken
 
 
 def base_layer(d_in, d_out, with_bias, dtype, seed):
@@ -104,13 +108,17 @@ def test_every_thread_count_gives_identical_results(threads):
         torch.set_num_threads(before)
 
 
-def test_fused_and_unfused_paths_agree(monkeypatch):
+def test_fused_and_unfused_paths_agree():
     inputs = make_inputs(32, 768, 256, 32, 16, torch.float32, "cpu", "distinct")
     weight, bias = base_layer(768, 256, False, torch.float32, 1)
     args = {k: v for k, v in inputs.items() if k != "x"}
-    fused = lora_ext.linear_lora(inputs["x"], weight, bias, **args)
-    monkeypatch.setenv("LORA_EXT_CPU_NO_FUSED_LINEAR", "1")
-    unfused = lora_ext.linear_lora(inputs["x"], weight, bias, **args)
+    with kernel_config.paths_taken() as taken:
+        fused = lora_ext.linear_lora(inputs["x"], weight, bias, **args)
+    if kernel_config.linear_lora_fuses(32, 768, torch.float32):
+        assert taken.get("cpu_linear_fused") == 1, taken
+    with kernel_config.configured(cpu_fused_linear=False), kernel_config.paths_taken() as taken:
+        unfused = lora_ext.linear_lora(inputs["x"], weight, bias, **args)
+    assert taken.get("cpu_linear_unfused") == 1, taken
     expected, pytorch, magnitude = yardsticks(inputs, weight, bias)
     assert_rows_match(fused, expected, pytorch, magnitude, torch.float32, what="fused")
     assert_rows_match(unfused, expected, pytorch, magnitude, torch.float32, what="unfused")
@@ -137,8 +145,6 @@ def test_bad_base_arguments_raise_clear_errors(bad, message):
     args = {k: v for k, v in inputs.items() if k != "x"}
     with pytest.raises(ValueError, match=message):
         lora_ext.linear_lora(inputs["x"], weight, bias, **args)
-    with pytest.raises(ValueError, match=message):
-        lora_ext.reference.linear_lora_ref(inputs["x"], weight, bias, **args)
 
 
 @pytest.mark.cuda
@@ -151,17 +157,22 @@ def test_matches_reference_cuda(dtype, rows):
 
 
 @pytest.mark.parametrize("d_in,d_out", [(17, 13), (768, 2048), (100, 1500)])
-def test_decode_rows_give_the_same_bits_alone_and_batched(monkeypatch, d_in, d_out):
+def test_decode_rows_give_the_same_bits_alone_and_batched(d_in, d_out):
     """Distinct adapters with one row each run four items at a time on the fused path; each row
     computed alone (one item) must give the same bits (lora_ext's GEMM sums each output the same
     way for any number of rows; ATen's unfused GEMM need not, so this is the fused path only)."""
-    monkeypatch.delenv("LORA_EXT_CPU_NO_FUSED_LINEAR", raising=False)
+    if not kernel_config.linear_lora_fuses(33, d_in, torch.float32):
+        pytest.skip("linear_lora does not fuse on this CPU (no AVX-512)")
     inputs = make_inputs(33, d_in, d_out, 40, 16, torch.float32, "cpu", "distinct", seed=d_out,
                          mixed_ranks=False, b_layout="rank_major")
     weight, bias = base_layer(d_in, d_out, True, torch.float32, d_in)
     args = {k: v for k, v in inputs.items() if k not in ("x", "slot_ids")}
-    batched = lora_ext.linear_lora(inputs["x"], weight, bias, slot_ids=inputs["slot_ids"], **args)
-    alone = torch.cat([lora_ext.linear_lora(inputs["x"][i:i + 1], weight, bias, slot_ids=inputs["slot_ids"][i:i + 1],
-                                            **args) for i in range(33)])
+    with kernel_config.paths_taken() as taken:
+        batched = lora_ext.linear_lora(inputs["x"], weight, bias, slot_ids=inputs["slot_ids"], **args)
+    assert taken.get("cpu_linear_fused") == 1 and "cpu_items_quad" in taken, taken
+    with kernel_config.paths_taken() as taken:
+        alone = torch.cat([lora_ext.linear_lora(inputs["x"][i:i + 1], weight, bias,
+                                                slot_ids=inputs["slot_ids"][i:i + 1], **args) for i in range(33)])
+    assert taken.get("cpu_linear_fused") == 33 and "cpu_items_quad" not in taken, taken
     assert torch.equal(batched, alone)
     check(inputs, weight, bias, torch.float32, f"fused decode {d_in}->{d_out}")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import lora_ext
-from helpers import assert_rows_close, make_inputs, reference64
+from helpers import assert_rows_match, magnitude64, make_inputs, pytorch_delta, pytorch_linear_lora, reference64
 from lora_ext._native import has_kernel
 
-OPS = ["lora_delta", "add_lora_", "linear_lora", "build_plan"]
+OPS = ["lora_delta", "add_lora_", "linear_lora", "lora_backward", "build_plan"]
 
 
 def test_native_module_loaded():
@@ -72,8 +72,12 @@ def test_torch_compile_fullgraph_cpu():
         lora_ext.add_lora_(base, x, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return base + lora_ext.lora_delta(x, lora_a, lora_b, slot_ids, scales, ranks, plan)
 
-    expected = inputs["x"].double() @ torch.ones(32, 48, dtype=torch.float64) + 2 * reference64(inputs)
-    assert_rows_close(layer(**inputs), expected, torch.float32)
+    ones = torch.ones(32, 48, dtype=torch.float64)
+    x = inputs["x"]
+    expected = x.double() @ ones + 2 * reference64(inputs)
+    pytorch = x @ ones.float() + 2 * pytorch_delta(inputs)
+    magnitude = x.double().abs() @ ones + 2 * magnitude64(inputs)
+    assert_rows_match(layer(**inputs), expected, pytorch, magnitude, torch.float32, what="compiled layer")
 
 
 def test_torch_compile_fullgraph_linear_lora_cpu():
@@ -86,5 +90,6 @@ def test_torch_compile_fullgraph_linear_lora_cpu():
         return lora_ext.linear_lora(x, weight, None, lora_a, lora_b, slot_ids, scales, ranks, plan)
 
     expected = inputs["x"].double() @ weight.double().T + reference64(inputs)
-    assert_rows_close(layer(**inputs), expected, torch.float32,
-                      magnitude=inputs["x"].double().abs() @ weight.double().abs().T)
+    magnitude = inputs["x"].double().abs() @ weight.double().abs().T + magnitude64(inputs)
+    assert_rows_match(layer(**inputs), expected, pytorch_linear_lora(inputs, weight, None), magnitude, torch.float32,
+                      what="compiled linear_lora")

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import lora_ext
+from lora_ext import kernel_config
 from helpers import DISTRIBUTIONS, check_add_lora, check_lora_delta, delta_yardsticks, make_inputs
+from kernel_paths import assert_config_paths
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ROWS = [0, 1, 7, 64, 1037]
@@ -55,20 +57,20 @@ def test_matches_reference_cpu(dtype, rows, d_in, d_out, distribution):
 # portable kernel, and the GEMM path for every slot or for none.
 CPU_CONFIGS = {
     "default": {},
-    "no_dpbf16": {"LORA_EXT_CPU_NO_DPBF16": "1"},
-    "portable": {"LORA_EXT_CPU_ISA": "portable"},
-    "gemm_always": {"LORA_EXT_CPU_GEMM_MIN_ROWS": "1"},
-    "gemm_never": {"LORA_EXT_CPU_GEMM_MIN_ROWS": "1000000000"},
+    "no_dpbf16": {"cpu_avx512_bf16": False},
+    "portable": {"cpu_isa": "portable"},
+    "gemm_always": {"cpu_gemm_min_rows": 1},
+    "gemm_never": {"cpu_gemm_min_rows": 1_000_000_000},
 }
 
 
 @pytest.fixture(params=list(CPU_CONFIGS))
-def cpu_config(request, monkeypatch):
-    for name in ("LORA_EXT_CPU_ISA", "LORA_EXT_CPU_GEMM_MIN_ROWS", "LORA_EXT_CPU_NO_DPBF16"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in CPU_CONFIGS[request.param].items():
-        monkeypatch.setenv(name, value)
-    return request.param
+def cpu_config(request):
+    """Runs the test under one kernel configuration, then checks that the calls which did LoRA
+    work took that configuration's paths (and never the ones it excludes)."""
+    with kernel_config.configured(**CPU_CONFIGS[request.param]), kernel_config.paths_taken() as taken:
+        yield request.param
+    assert_config_paths(request.param, taken)
 
 
 def config_cases():
@@ -111,6 +113,8 @@ def test_decode_items_four_at_a_time(cpu_config, dtype, d_in, d_out, mixed_ranks
     inputs = make_inputs(40, d_in, d_out, 48, 16, dtype, "cpu", "distinct", seed=d_in + d_out,
                          mixed_ranks=mixed_ranks, b_layout="rank_major")
     run_both_ops(inputs, dtype, f"{cpu_config} decode {d_in}->{d_out} mixed ranks {mixed_ranks}")
+    if cpu_config == "gemm_always":
+        return  # no items run; ATen's GEMM sums a row differently for another number of rows
     # Row by row, every item runs alone: the grouped kernel must give the same bits.
     alone = torch.cat([lora_ext.lora_delta(inputs["x"][i:i + 1], inputs["lora_a"], inputs["lora_b"],
                                            inputs["slot_ids"][i:i + 1], inputs["scales"], inputs["ranks"])
@@ -162,12 +166,12 @@ def test_add_lora_into_a_strided_output():
 # ---- CUDA: the same checks on every kernel path (skipped without a GPU) ----------------------------
 
 @pytest.fixture(params=CUDA_PATHS)
-def cuda_path(request, monkeypatch):
-    if request.param == "auto":
-        monkeypatch.delenv("LORA_EXT_CUDA_KERNEL", raising=False)
-    else:
-        monkeypatch.setenv("LORA_EXT_CUDA_KERNEL", request.param)
-    return request.param
+def cuda_path(request):
+    """Runs the test with one CUDA kernel path forced ("mma" falls back to "simt" for float32)."""
+    with kernel_config.configured(cuda_kernel=request.param), kernel_config.paths_taken() as taken:
+        yield request.param
+    if request.param == "simt":
+        assert "cuda_mma" not in taken, taken
 
 
 def cuda_cases():

@@ -82,3 +82,33 @@ def test_wrong_op_fails(monkeypatch, op, mutation, dtype, size):
     monkeypatch.setattr(lora_ext, op, mutated(op, mutation))
     with pytest.raises(AssertionError, match=f"^{op} mutation test: .* rows off"):
         run_checks(op, dtype, *size)
+
+
+# ---- gradients: the backward made wrong on purpose must fail check_grads --------------------------
+
+def wrong_backward(mutation):
+    """lora_backward (what every op's autograd calls) made wrong: every gradient times 0.95, each
+    adapter's last rank dropped, or one row's gradients dropped (that row as if it had no adapter)."""
+    from lora_ext import op_autograd
+
+    real = op_autograd.lora_backward
+
+    def wrong(grad_out, x, lora_a, lora_b, slot_ids, scales, ranks, plan, needs):
+        args = dict(slot_ids=slot_ids, scales=scales, ranks=ranks)
+        MUTATIONS[mutation](args)
+        return real(grad_out, x, lora_a, lora_b, args["slot_ids"], args["scales"], args["ranks"], None, needs)
+    return wrong
+
+
+@pytest.mark.parametrize("d_in,d_out", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_wrong_gradient_fails(monkeypatch, mutation, dtype, d_in, d_out):
+    from grad_helpers import check_grads
+    from lora_ext import op_autograd
+
+    inputs = make_inputs(24, d_in, d_out, 5, 16, dtype, "cpu", "unsorted", seed=d_in + d_out, b_layout="rank_major")
+    check_grads("lora_delta", inputs, "real backward")  # the real kernels pass these inputs
+    monkeypatch.setattr(op_autograd, "lora_backward", wrong_backward(mutation))
+    with pytest.raises(AssertionError, match="rows off|must be exact"):
+        check_grads("lora_delta", inputs, f"wrong backward ({mutation})")

@@ -12,9 +12,11 @@ What is compared. For each output row t, three float64 rows computed on CPU from
 With 2-norms over the row's d_out values, u the dtype's unit roundoff (2^-24, 2^-11, 2^-8), the
 kernel's row out_t passes when
 
-  ||out_t - ref_t|| <= min(PYTORCH_ERROR_FACTOR * ||pt_t - ref_t|| + FLOOR[dtype] * ||ref_t||
+  ||out_t - ref_t|| <= min(PYTORCH_ERROR_FACTOR * pt_err_t + FLOOR[dtype] * ||ref_t||
                                + ACCUMULATION_FLOOR * 2^-24 * ||mag_t||,
-                           ROW_RTOL[dtype] * ||mag_t||).
+                           ROW_RTOL[dtype] * ||mag_t||),
+  pt_err_t = ||pt_t - ref_t||, or for the gradient checks (tests/grad_helpers.py)
+  pt_err_t = max(||pt_t - ref_t||, ||mag_t|| * the largest ||pt_s - ref_s|| / ||mag_s|| over the rows s of t's slot).
 
 Rows that must be exact (no adapter or rank 0: zero, or the old `out` unchanged) are compared for
 equality; NaN and infinity never pass.
@@ -25,6 +27,16 @@ rounds differently (float32 accumulation, the output rounded once, the rank-r in
 rounded to the dtype as PyTorch does), so its error is another sample of about the same size;
 twice leaves room for that and little for a wrong answer: a delta 5% small, one rank dropped or one
 row's delta dropped fails in every dtype, 4097 wide too (tests/test_tolerances.py).
+
+Why the slot-pooled term in the gradient checks: one row's PyTorch error is one sample of rounding.
+Where each row is one number that cancels (d_in = 1: a dx row is dy_t W plus the LoRA part, or
+sum_j a_j v_j with v rounded to the dtype on the GEMM path, as PyTorch rounds it), a correct kernel's
+row errors and PyTorch's have the same spread (measured: median 0.0069 vs 0.0077 of the result, max
+0.029 vs 0.029, float16, 1037 rows), so "twice PyTorch's error on this very row" fails 8% of correct
+rows. Rows of one slot are computed the same way (same A, B, scale, rank); the worst PyTorch error
+per unit of magnitude among them is what rounding can cost such a row. It cannot hide a wrong answer
+where rows do not cancel: there pt/mag is concentrated, and at d_in = 4097 (||mag_t|| about
+100 ||ref_t||) it stays about u ||ref_t||. The op checks keep the row's own sample (they pass with it).
 
 Why FLOOR: where a row is one or a few numbers (d_out = 1, a rank-1 adapter), PyTorch's roundings
 can cancel by chance and leave ||pt_t - ref_t|| near zero while a correct kernel still rounds;
@@ -41,8 +53,8 @@ Why the ROW_RTOL cap: ROW_RTOL * ||mag_t|| is the rule these tests had before (3
 of the magnitude). Where a row does not cancel (||mag_t|| close to ||ref_t||: d_in = 1, add_lora_
 rows dominated by the old `out`) it is tighter than the sum above in float16 and bfloat16, so
 keeping it as a cap means no check got looser; where the row cancels (d_in = 4097: ||mag_t|| about
-100 ||ref_t||) the sum decides. assert_rows_close still applies ROW_RTOL alone, for the tests not
-moved to this rule (test_properties, test_op_registration, test_cuda_graphs, cuda_sanitizer_cases).
+100 ||ref_t||) the sum decides. Every check of the suite (ops, gradients, properties, compiled
+layers, CUDA graphs, the sanitizer cases) applies this one rule.
 
 How the constants were chosen: every CPU check of test_ops.py and test_linear_lora.py (all five
 CPU kernel configurations: 1.9k tests, 2750 checks, 420k nonzero rows; the CPU kernels of commits
