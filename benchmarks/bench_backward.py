@@ -13,6 +13,7 @@ of a model would. Each figure is the median of repeated autograd.grad calls on r
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -28,12 +29,28 @@ RANK = 16
 CASES = [("decode", 64, 64), ("prefill", 4096, 8)]  # (name, rows, adapters)
 
 
+def keep_freed_memory():
+    """Asks glibc to keep freed memory instead of returning it to the system. Every backward call
+    allocates fresh gradients (33 MB for the float32 decode case) and frees the last call's; with
+    glibc's default trim threshold that memory goes back to the system at each free and comes back
+    as page faults (about 14 ms per call here, four times the kernels' time). A training process
+    that keeps its gradients, or links a caching malloc (jemalloc, tcmalloc), does not pay that;
+    the benchmark measures the kernels, for lora_ext and the loop alike."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 1 << 30))
+
+
 def make_set(rows, adapters, dtype, g):
-    """One layer's arguments: each adapter's rows contiguous-in-order but interleaved (unsorted)."""
+    """One layer's arguments. Decode (one row per adapter): rows in adapter order. Prefill: each
+    adapter's rows one run, as a prompt's tokens are."""
     x = torch.randn(rows, D_IN, generator=g).to(dtype).requires_grad_()
     a = (torch.randn(adapters, RANK, D_IN, generator=g) / D_IN ** 0.5).to(dtype).requires_grad_()
     b_rank_major = (torch.randn(adapters, RANK, D_OUT, generator=g) / RANK ** 0.5).to(dtype).requires_grad_()
-    ids = torch.arange(rows) % adapters
+    ids = torch.arange(rows) * adapters // rows
     scales = torch.full((adapters,), 2.0)
     dy = torch.randn(rows, D_OUT, generator=g).to(dtype)
     return dict(x=x, a=a, b=b_rank_major, ids=ids, scales=scales, dy=dy)
@@ -71,6 +88,19 @@ def time_backward(build, sets):
     return median_seconds(step, min_time=1.0, min_runs=7)
 
 
+def time_forward(sets):
+    """lora_ext's forward on the same sets, for the same run's effective streaming rate."""
+    with torch.no_grad():
+        plans = [lora_ext.build_plan(s["ids"], s["a"].shape[0]) for s in sets]
+        turn = iter(range(10**9))
+
+        def step():
+            i = next(turn) % len(sets)
+            s = sets[i]
+            lora_ext.lora_delta(s["x"], s["a"], s["b"].transpose(1, 2), s["ids"], s["scales"], None, plans[i])
+        return median_seconds(step, min_time=1.0, min_runs=7)
+
+
 def dense_mm_seconds(rows, dtype, g):
     """The five GEMMs of the backward (v, dx, u, dA, dB) with every row on one adapter."""
     x = torch.randn(rows, D_IN, generator=g).to(dtype)
@@ -97,11 +127,14 @@ def run_case(name, rows, adapters, dtype, bandwidth, cold_bytes, quick):
     count = 2 if quick else max(2, min(32, math.ceil(cold_bytes / per_set)))
     sets = [make_set(rows, adapters, dtype, g) for _ in range(count)]
     ours = time_backward(lora_ext_graph, sets)
+    forward = time_forward(sets)
     loop = time_backward(per_adapter_graph, sets[:2])
     row = dict(case=name, dtype=str(dtype).replace("torch.", ""), rows=rows, adapters=adapters, d_in=D_IN,
                d_out=D_OUT, rank=RANK, argument_sets=count, lora_ext_s=ours, per_adapter_loop_s=loop,
                speedup_vs_loop=loop / ours, bytes_moved=must_move, flops=flops,
-               floor_s=must_move / bandwidth, share_of_bandwidth=must_move / bandwidth / ours)
+               floor_s=must_move / bandwidth, share_of_bandwidth=must_move / bandwidth / ours,
+               backward_gbps=must_move / ours / 1e9, forward_s=forward,
+               forward_gbps=(weight_bytes + rows * (D_IN + D_OUT) * elem) / forward / 1e9)
     if name == "prefill":
         dense = dense_mm_seconds(rows, dtype, g)
         row.update(dense_mm_s=dense, share_of_dense_flop_rate=dense / ours, gflops=flops / ours / 1e9)
@@ -113,6 +146,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two argument sets, float32 only")
     parser.add_argument("--out", help="write the rows and the setup as JSON here")
     args = parser.parse_args(argv)
+    kept = keep_freed_memory()
     bandwidth = measure_bandwidth("cpu")
     cold_bytes = 640 * 2**20
     print(f"backward of one {D_IN} -> {D_OUT} rank-{RANK} layer; {torch.get_num_threads()} threads; "
@@ -126,13 +160,15 @@ def main(argv=None):
             line = (f"{name:8s} {r['dtype']:9s} T={n_rows:5d} N={adapters:3d}: lora_ext {r['lora_ext_s'] * 1e3:8.2f} ms, "
                     f"per-adapter loop {r['per_adapter_loop_s'] * 1e3:8.2f} ms ({r['speedup_vs_loop']:.1f}x)")
             if name == "decode":
-                line += f", {100 * r['share_of_bandwidth']:.0f}% of bandwidth (floor {r['floor_s'] * 1e3:.2f} ms)"
+                line += (f", {100 * r['share_of_bandwidth']:.0f}% of bandwidth (floor {r['floor_s'] * 1e3:.2f} ms; "
+                         f"{r['backward_gbps']:.1f} GB/s moved, the forward streams {r['forward_gbps']:.1f} GB/s)")
             else:
                 line += (f", {r['gflops']:.0f} GFLOP/s = {100 * r['share_of_dense_flop_rate']:.0f}% of dense mm "
                          f"({r['dense_mm_s'] * 1e3:.2f} ms)")
             print(line, flush=True)
     if args.out:
-        result = dict(setup=machine_info("cpu"), bandwidth_bytes_per_s=bandwidth, rows=rows)
+        result = dict(setup=machine_info("cpu"), bandwidth_bytes_per_s=bandwidth, glibc_keeps_freed_memory=kept,
+                      rows=rows)
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)

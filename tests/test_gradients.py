@@ -9,7 +9,7 @@ import torch
 import lora_ext
 from grad_helpers import Leaves, check_grads, op_grads, upstream_grad, zero_weight_rows
 from helpers import DISTRIBUTIONS, make_inputs
-from kernel_paths import assert_config_paths
+from kernel_paths import HAS_AVX512, assert_config_paths
 from lora_ext import kernel_config
 from lora_ext.reference import lora_delta_ref
 
@@ -88,6 +88,16 @@ def test_memory_layouts(cpu_config, dtype, x_layout, b_layout):
 def test_ranks_up_to_max(dtype, max_rank):
     inputs = make_inputs(50, 96, 200, 7, max_rank, dtype, "cpu", "unsorted", seed=max_rank, b_layout="rank_major")
     check_grads("lora_delta", inputs, f"R={max_rank}")
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="the CPU has no AVX-512")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_backward_runs_four_units_at_a_time(dtype):
+    """One row per adapter: the products v and u of four slots at a time (same values as one by one)."""
+    inputs = make_inputs(40, 256, 300, 40, 16, dtype, "cpu", "distinct", b_layout="rank_major")
+    with kernel_config.paths_taken() as taken:
+        check_grads("lora_delta", inputs, "decode")
+    assert "cpu_items_quad" in taken, taken
 
 
 def test_non_contiguous_upstream_gradient():

@@ -33,24 +33,41 @@ inline __m512 load_16_lanes(const c10::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-inline void store_16_lanes(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store_16_lanes(c10::Half* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+inline __m256i to_half_lanes(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 // Round to nearest even, NaN stays a quiet NaN: the same rounding as c10::BFloat16.
-inline void store_16_lanes(c10::BFloat16* p, __m512 v, __mmask16 m) {
+inline __m256i to_bfloat16_lanes(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+inline void store_16_lanes(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store_16_lanes(c10::Half* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_half_lanes(v)); }
+inline void store_16_lanes(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, to_bfloat16_lanes(v));
+}
+
+// All 16 lanes past the caches (non-temporal), for outputs written once and not read soon: no
+// read-for-ownership of the destination lines. p must be aligned to the vector's size (64 bytes
+// for float32, 32 for 16-bit types); a writer calls _mm_sfence() before other threads read.
+inline void stream_16_lanes(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline void stream_16_lanes(c10::Half* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_half_lanes(v));
+}
+inline void stream_16_lanes(c10::BFloat16* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bfloat16_lanes(v));
 }
 
 // Shrink and expand of kQuadItems items in lockstep (ItemKernels::quad), in quad_avx512.cpp.
 // kDot: the bfloat16 shrink with vdpbf16ps, as the one-item kernel chosen with it.
 template <typename T, bool kDot>
 void quad_items(const ItemArgs* const* q, float* const* u);
+// The shrink alone of kQuadItems one-row items (quad_fits or not: B is not read), in lockstep.
+template <typename T, bool kDot>
+void quad_shrink(const ItemArgs* const* q, float* const* u);
 
 }  // namespace avx512
 }  // namespace cpu

@@ -367,7 +367,7 @@ void expand(const ItemArgs& p, const float* u, int64_t col_begin, int64_t col_en
 // kDot: the bfloat16 shrink uses vdpbf16ps (AVX512-BF16).
 template <typename T, bool kDot = false>
 ItemKernels kernels_for() {
-  return {nullptr, &shrink<T, kDot>, &expand<T>, &quad_items<T, kDot>,
+  return {nullptr, &shrink<T, kDot>, &expand<T>, &quad_items<T, kDot>, &quad_shrink<T, kDot>,
           kDot ? KernelPath::kCpuItemsAvx512Bf16 : KernelPath::kCpuItemsAvx512};
 }
 

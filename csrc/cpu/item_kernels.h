@@ -46,6 +46,9 @@ struct ItemKernels {
   // lockstep (u[i]: item i's rank floats); nullptr where this ISA has none. Same sums in the same
   // order as shrink and expand, so the same results bit for bit.
   void (*quad)(const ItemArgs* const* items, float* const* u);
+  // The shrink alone of kQuadItems one-row items, in lockstep, ranks in descending order (the
+  // backward's v and u); nullptr where this ISA has none.
+  void (*quad_shrink)(const ItemArgs* const* items, float* const* u);
   // Which kernels these are, for the record of paths that ran (kernel_config.h).
   KernelPath path;
 };

@@ -86,7 +86,7 @@ void expand(const ItemArgs& p, const float* u, int64_t col_begin, int64_t col_en
 
 template <typename T>
 ItemKernels kernels_for() {
-  return {&rows_to_float<T>, &shrink<T>, &expand<T>, nullptr, KernelPath::kCpuItemsPortable};
+  return {&rows_to_float<T>, &shrink<T>, &expand<T>, nullptr, nullptr, KernelPath::kCpuItemsPortable};
 }
 
 }  // namespace

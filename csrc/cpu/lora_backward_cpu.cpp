@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <tuple>
 #include <vector>
@@ -47,8 +48,10 @@ struct BackwardCall {
   }
 };
 
-// v = c B^T dy for the unit's rows: the forward shrink with dy as x and B's rank rows as A.
-ItemArgs shrink_dy_by_b(const BackwardCall& c, const WorkItem& unit, const int32_t* order) {
+// The forward item computation with the roles of A and B swapped: x = dy, the shrink reads B's rank
+// rows (v = c B^T dy) and the expand A's rank rows as a rank-major B (dx = A^T v), so the forward's
+// kernels compute v and dx.
+ItemArgs dy_through_b_then_a(const BackwardCall& c, const WorkItem& unit, const int32_t* order) {
   ItemArgs a{};
   a.x = c.dy.data_ptr();
   a.x_row_stride = c.dy.stride(0);
@@ -58,27 +61,17 @@ ItemArgs shrink_dy_by_b(const BackwardCall& c, const WorkItem& unit, const int32
   a.a = BackwardCall::slot_ptr<const void*>(c.lora_b, unit.slot);
   a.a_rank_stride = c.lora_b.stride(2);
   a.a_col_stride = c.lora_b.stride(1);
-  a.b_out_stride = a.b_rank_stride = a.out_col_stride = 1;  // not read
-  a.d_in = c.lora.sizes.d_out;
-  a.rank = c.lora.rank_of(unit.slot);
-  a.scale = c.lora.scale_of(unit.slot);
-  return a;
-}
-
-// dx = A^T v for the unit's rows: the forward expand with A's rank rows as B (rank-major).
-ItemArgs expand_v_by_a(const BackwardCall& c, const WorkItem& unit, const int32_t* order) {
-  ItemArgs a{};
-  a.rows = order + unit.first;
-  a.count = unit.count;
   a.b = BackwardCall::slot_ptr<const void*>(c.lora_a, unit.slot);
   a.b_out_stride = c.lora_a.stride(2);
   a.b_rank_stride = c.lora_a.stride(1);
-  a.x_col_stride = a.a_col_stride = 1;  // not read
-  a.out = c.grads.dx.data_ptr();
-  a.out_row_stride = c.grads.dx.stride(0);
-  a.out_col_stride = c.grads.dx.stride(1);
+  const at::Tensor& dx = c.grads.dx;
+  a.out = dx.defined() ? dx.data_ptr() : nullptr;
+  a.out_row_stride = dx.defined() ? dx.stride(0) : 0;
+  a.out_col_stride = dx.defined() ? dx.stride(1) : 1;
+  a.d_in = c.lora.sizes.d_out;
   a.d_out = c.lora.sizes.d_in;
   a.rank = c.lora.rank_of(unit.slot);
+  a.scale = c.lora.scale_of(unit.slot);
   a.accumulate = false;
   return a;
 }
@@ -105,33 +98,66 @@ const float* rows_for(const ItemKernels& k, const ItemArgs& args, ReusedBuffer& 
   return xs;
 }
 
-// One slot on the calling thread.
-void run_unit(const BackwardCall& c, const WorkItem& unit, const int32_t* order) {
+// Units [begin, end) on the calling thread. First the low-rank products, v = c B^T dy (with dx =
+// A^T v) and u = c A x, each unit's count x rank floats at offset[i]; one-row units (decode) run
+// four at a time where the kernels can (four long streams through memory keep more loads in flight
+// than one unit's short ones: the forward's four-item kernel computes v and dx, its shrink u); the
+// rest one by one. Then each unit's dA and dB.
+void run_units(const BackwardCall& c, const std::vector<WorkItem>& units, int64_t begin, int64_t end,
+               const int32_t* order) {
   thread_local ReusedBuffer u_buffer, v_buffer, rows_buffer;
   const at::ScalarType dtype = c.x.scalar_type();
-  const ItemArgs by_b = shrink_dy_by_b(c, unit, order);
-  const ItemArgs by_a = item_args(c.lora, order, unit);
-  const int64_t rank = by_a.rank;
-  float* v = v_buffer.get(unit.count * rank);
-  float* u = u_buffer.get(unit.count * rank);
-  const ItemKernels kb = choose_item_kernels(dtype, by_b);
-  kb.shrink(by_b, rows_for(kb, by_b, rows_buffer), 0, rank, v);
-  const bool need_u = c.grads.db.defined();
-  if (need_u || c.grads.dx.defined()) {
-    const ItemKernels ka = choose_item_kernels(dtype, by_a);
-    if (need_u) ka.shrink(by_a, rows_for(ka, by_a, rows_buffer), 0, rank, u);
-    if (c.grads.dx.defined()) {
-      const ItemArgs dx = expand_v_by_a(c, unit, order);
-      choose_item_kernels(dtype, dx).expand(dx, v, 0, dx.d_out);
+  const bool need_dx = c.grads.dx.defined(), need_v = need_dx || c.grads.da.defined(), need_u = c.grads.db.defined();
+  const int64_t n = end - begin;
+  std::vector<int64_t> offset(n + 1, 0);
+  std::vector<ItemArgs> by_b(n), by_a(n);
+  for (int64_t i = 0; i < n; ++i) {
+    by_b[i] = dy_through_b_then_a(c, units[begin + i], order);
+    by_a[i] = item_args(c.lora, order, units[begin + i]);
+    offset[i + 1] = offset[i] + by_a[i].count * by_a[i].rank;
+  }
+  float* v = v_buffer.get(offset[n]);
+  float* u = u_buffer.get(offset[n]);
+  const ItemKernels kb = choose_item_kernels(dtype, by_b[0]), ka = choose_item_kernels(dtype, by_a[0]);
+  const bool quad_ok = kb.quad != nullptr && ka.quad_shrink != nullptr;
+  std::vector<int64_t> quads, alone;
+  for (int64_t i = 0; i < n; ++i) (quad_ok && quad_fits(by_b[i]) ? quads : alone).push_back(i);
+  std::stable_sort(quads.begin(), quads.end(), [&](int64_t x, int64_t y) { return by_a[x].rank > by_a[y].rank; });
+  const size_t grouped = quads.size() - quads.size() % kQuadItems;
+  alone.insert(alone.end(), quads.begin() + grouped, quads.end());
+  if (grouped > 0) count_path(KernelPath::kCpuItemsQuad);
+  for (size_t j = 0; j < grouped; j += kQuadItems) {
+    const ItemArgs *qb[kQuadItems], *qa[kQuadItems];
+    float *qv[kQuadItems], *qu[kQuadItems];
+    for (int g = 0; g < kQuadItems; ++g) {
+      const int64_t i = quads[j + g];
+      qb[g] = &by_b[i];
+      qa[g] = &by_a[i];
+      qv[g] = v + offset[i];
+      qu[g] = u + offset[i];
     }
+    if (need_dx) {
+      kb.quad(qb, qv);
+    } else if (need_v) {
+      kb.quad_shrink(qb, qv);
+    }
+    if (need_u) ka.quad_shrink(qa, qu);
   }
-  if (c.grads.da.defined()) {
-    const OuterArgs da = outer_args(c.x, c.grads.da, 1, 2, unit, order, v, rank);
-    choose_outer_kernel(dtype, da).run(da, 0, da.width);
+  for (const int64_t i : alone) {
+    if (need_v) kb.shrink(by_b[i], rows_for(kb, by_b[i], rows_buffer), 0, by_b[i].rank, v + offset[i]);
+    if (need_u) ka.shrink(by_a[i], rows_for(ka, by_a[i], rows_buffer), 0, by_a[i].rank, u + offset[i]);
+    if (need_dx) kb.expand(by_b[i], v + offset[i], 0, by_b[i].d_out);
   }
-  if (need_u) {
-    const OuterArgs db = outer_args(c.dy, c.grads.db, 2, 1, unit, order, u, rank);
-    choose_outer_kernel(dtype, db).run(db, 0, db.width);
+  for (int64_t i = 0; i < n; ++i) {
+    const WorkItem& unit = units[begin + i];
+    if (c.grads.da.defined()) {
+      const OuterArgs da = outer_args(c.x, c.grads.da, 1, 2, unit, order, v + offset[i], by_a[i].rank);
+      choose_outer_kernel(dtype, da).run(da, 0, da.width);
+    }
+    if (need_u) {
+      const OuterArgs db = outer_args(c.dy, c.grads.db, 2, 1, unit, order, u + offset[i], by_a[i].rank);
+      choose_outer_kernel(dtype, db).run(db, 0, db.width);
+    }
   }
 }
 
@@ -143,15 +169,20 @@ void run_gemm_unit(const BackwardCall& c, const at::Tensor& plan_order, const Wo
   const double scale = c.lora.scale_of(unit.slot);
   const at::Tensor a = c.lora_a.select(0, unit.slot).narrow(0, 0, rank);  // (rank, d_in)
   const at::Tensor b = c.lora_b.select(0, unit.slot).narrow(1, 0, rank);  // (d_out, rank)
-  const at::Tensor rows = plan_order.narrow(0, unit.first, unit.count).to(at::kLong);
-  const at::Tensor xs = c.x.index_select(0, rows), dys = c.dy.index_select(0, rows);
+  // A slot's rows in one run (a prompt's tokens) are read in place; scattered rows are gathered.
+  const int32_t* order = plan_order.data_ptr<int32_t>() + unit.first;
+  const bool consecutive = order[unit.count - 1] - order[0] == unit.count - 1;  // order ascends
+  const at::Tensor rows = consecutive ? at::Tensor() : plan_order.narrow(0, unit.first, unit.count).to(at::kLong);
+  const at::Tensor xs = consecutive ? c.x.narrow(0, order[0], unit.count) : c.x.index_select(0, rows);
+  const at::Tensor dys = consecutive ? c.dy.narrow(0, order[0], unit.count) : c.dy.index_select(0, rows);
   // dst = scale * m1 @ m2 (beta = 0: dst's old contents are not read)
   auto scaled_mm = [scale](at::Tensor dst, const at::Tensor& m1, const at::Tensor& m2) {
     at::addmm_out(dst, dst, m1, m2, /*beta=*/0, /*alpha=*/scale);
     return dst;
   };
   const at::Tensor v = at::mm(dys, b);  // (count, rank), unscaled
-  if (c.grads.dx.defined()) {
+  if (c.grads.dx.defined() && consecutive) scaled_mm(c.grads.dx.narrow(0, order[0], unit.count), v, a);
+  if (c.grads.dx.defined() && !consecutive) {
     c.grads.dx.index_copy_(0, rows, scaled_mm(at::empty({unit.count, a.size(1)}, a.options()), v, a));
   }
   if (c.grads.da.defined()) scaled_mm(c.grads.da.select(0, unit.slot).narrow(0, 0, rank), v.t(), xs);
@@ -210,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   count_path(choose_item_kernels(x.scalar_type(), item_args(lora, plan_order.data_ptr<int32_t>(), units[0])).path);
   const int32_t* order = plan_order.data_ptr<int32_t>();
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) run_unit(call, units[i], order);
+    run_units(call, units, begin, end, order);
   });
   return {grads.dx, grads.da, grads.db};
 }

@@ -1,7 +1,10 @@
 // The AVX-512 weight-gradient kernel (outer_kernels.h): blocks of 64 columns; for each rank, an
 // FMA chain over the slot's rows (rows read from L1 after the first rank) into four 16-lane
-// float32 accumulators, stored once in the output's dtype.
+// float32 accumulators, stored once in the output's dtype. Full aligned blocks are streamed past
+// the caches: the gradients are written once and read only by the optimizer, later, and a
+// streamed line skips the read of the destination that an ordinary store costs.
 #include <algorithm>
+#include <cstdint>
 
 #include "cpu/item_kernels.h"
 #include "cpu/lane_mask.h"
@@ -49,10 +52,16 @@ void outer(const OuterArgs& p, int64_t col_begin, int64_t col_end) {
         for (int v = 0; v < kVectors; ++v) acc[v] = _mm512_fmadd_ps(wij, load_16_lanes(yi + 16 * v, m[v]), acc[v]);
       }
       T* oj = out + j * p.out_rank_stride + n0;
+      if (col_end - n0 >= 16 * kVectors && reinterpret_cast<uintptr_t>(oj) % (16 * sizeof(T)) == 0) {
 #pragma GCC unroll 4
-      for (int v = 0; v < kVectors; ++v) store_16_lanes(oj + 16 * v, acc[v], m[v]);
+        for (int v = 0; v < kVectors; ++v) stream_16_lanes(oj + 16 * v, acc[v]);
+      } else {
+#pragma GCC unroll 4
+        for (int v = 0; v < kVectors; ++v) store_16_lanes(oj + 16 * v, acc[v], m[v]);
+      }
     }
   }
+  _mm_sfence();  // the streamed gradients are visible before the caller's threads join
 }
 
 }  // namespace

@@ -140,7 +140,7 @@ void quad_expand_ranks(const ItemArgs* const* q, const float* const* u, int64_t 
 }  // namespace
 
 template <typename T, bool kDot>
-void quad_items(const ItemArgs* const* q, float* const* u) {
+void quad_shrink(const ItemArgs* const* q, float* const* u) {
   const T* x[kQuadItems];
   for (int i = 0; i < kQuadItems; ++i) x[i] = static_cast<const T*>(q[i]->x) + q[i]->rows[0] * q[i]->x_row_stride;
   by_active_items(q, [&](auto n, int64_t r_begin, int64_t r_end) {
@@ -150,6 +150,11 @@ void quad_items(const ItemArgs* const* q, float* const* u) {
       quad_shrink_ranks<T, decltype(n)::value>(q, x, r_begin, r_end, u);
     }
   });
+}
+
+template <typename T, bool kDot>
+void quad_items(const ItemArgs* const* q, float* const* u) {
+  quad_shrink<T, kDot>(q, u);
   thread_local float sums[kQuadItems][kQuadColumns];
   const int64_t d_out = q[0]->d_out;
   for (int64_t c0 = 0; c0 < d_out; c0 += kQuadColumns) {
@@ -173,6 +178,10 @@ template void quad_items<float, false>(const ItemArgs* const*, float* const*);
 template void quad_items<c10::Half, false>(const ItemArgs* const*, float* const*);
 template void quad_items<c10::BFloat16, false>(const ItemArgs* const*, float* const*);
 template void quad_items<c10::BFloat16, true>(const ItemArgs* const*, float* const*);
+template void quad_shrink<float, false>(const ItemArgs* const*, float* const*);
+template void quad_shrink<c10::Half, false>(const ItemArgs* const*, float* const*);
+template void quad_shrink<c10::BFloat16, false>(const ItemArgs* const*, float* const*);
+template void quad_shrink<c10::BFloat16, true>(const ItemArgs* const*, float* const*);
 
 }  // namespace avx512
 }  // namespace cpu
