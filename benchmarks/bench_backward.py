@@ -44,15 +44,17 @@ def keep_freed_memory():
     return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 1 << 30))
 
 
-def make_set(rows, adapters, dtype, g):
+def make_set(rows, adapters, dtype, g, device):
     """One layer's arguments. Decode (one row per adapter): rows in adapter order. Prefill: each
     adapter's rows one run, as a prompt's tokens are."""
-    x = torch.randn(rows, D_IN, generator=g).to(dtype).requires_grad_()
-    a = (torch.randn(adapters, RANK, D_IN, generator=g) / D_IN ** 0.5).to(dtype).requires_grad_()
-    b_rank_major = (torch.randn(adapters, RANK, D_OUT, generator=g) / RANK ** 0.5).to(dtype).requires_grad_()
-    ids = torch.arange(rows) * adapters // rows
-    scales = torch.full((adapters,), 2.0)
-    dy = torch.randn(rows, D_OUT, generator=g).to(dtype)
+    def cast(t):
+        return t.to(device=device, dtype=dtype)
+    x = cast(torch.randn(rows, D_IN, generator=g)).requires_grad_()
+    a = cast(torch.randn(adapters, RANK, D_IN, generator=g) / D_IN ** 0.5).requires_grad_()
+    b_rank_major = cast(torch.randn(adapters, RANK, D_OUT, generator=g) / RANK ** 0.5).requires_grad_()
+    ids = (torch.arange(rows) * adapters // rows).to(device)
+    scales = torch.full((adapters,), 2.0, device=device)
+    dy = cast(torch.randn(rows, D_OUT, generator=g))
     return dict(x=x, a=a, b=b_rank_major, ids=ids, scales=scales, dy=dy)
 
 
@@ -69,7 +71,7 @@ def per_adapter_graph(s):
     adapters = s["a"].shape[0]
     a_leaves = [s["a"][i].detach().clone().requires_grad_() for i in range(adapters)]
     b_leaves = [s["b"][i].detach().clone().requires_grad_() for i in range(adapters)]
-    out = torch.zeros(s["x"].shape[0], D_OUT, dtype=s["x"].dtype)
+    out = torch.zeros(s["x"].shape[0], D_OUT, dtype=s["x"].dtype, device=s["x"].device)
     for i in range(adapters):
         rows = (s["ids"] == i).nonzero().squeeze(1)
         part = (s["x"][rows] @ a_leaves[i].T) @ b_leaves[i] * float(s["scales"][i])
@@ -77,7 +79,7 @@ def per_adapter_graph(s):
     return out, (s["x"], *a_leaves, *b_leaves)
 
 
-def time_backward(build, sets):
+def time_backward(build, sets, device):
     graphs = [build(s) for s in sets]
     turn = iter(range(10**9))
 
@@ -85,10 +87,10 @@ def time_backward(build, sets):
         i = next(turn) % len(graphs)
         out, leaves = graphs[i]
         torch.autograd.grad(out, leaves, sets[i]["dy"], retain_graph=True)
-    return median_seconds(step, min_time=1.0, min_runs=7)
+    return median_seconds(step, min_time=1.0, min_runs=7, device=device)
 
 
-def time_forward(sets):
+def time_forward(sets, device):
     """lora_ext's forward on the same sets, for the same run's effective streaming rate."""
     with torch.no_grad():
         plans = [lora_ext.build_plan(s["ids"], s["a"].shape[0]) for s in sets]
@@ -98,15 +100,15 @@ def time_forward(sets):
             i = next(turn) % len(sets)
             s = sets[i]
             lora_ext.lora_delta(s["x"], s["a"], s["b"].transpose(1, 2), s["ids"], s["scales"], None, plans[i])
-        return median_seconds(step, min_time=1.0, min_runs=7)
+        return median_seconds(step, min_time=1.0, min_runs=7, device=device)
 
 
-def dense_mm_seconds(rows, dtype, g):
+def dense_mm_seconds(rows, dtype, g, device):
     """The five GEMMs of the backward (v, dx, u, dA, dB) with every row on one adapter."""
-    x = torch.randn(rows, D_IN, generator=g).to(dtype)
-    dy = torch.randn(rows, D_OUT, generator=g).to(dtype)
-    a = torch.randn(RANK, D_IN, generator=g).to(dtype)
-    b = torch.randn(D_OUT, RANK, generator=g).to(dtype)
+    x = torch.randn(rows, D_IN, generator=g).to(device=device, dtype=dtype)
+    dy = torch.randn(rows, D_OUT, generator=g).to(device=device, dtype=dtype)
+    a = torch.randn(RANK, D_IN, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(D_OUT, RANK, generator=g).to(device=device, dtype=dtype)
 
     def step():
         v = dy @ b
@@ -114,10 +116,10 @@ def dense_mm_seconds(rows, dtype, g):
         u = x @ a.T
         v.T @ x
         dy.T @ u
-    return median_seconds(step, min_time=1.0, min_runs=7)
+    return median_seconds(step, min_time=1.0, min_runs=7, device=device)
 
 
-def run_case(name, rows, adapters, dtype, bandwidth, cold_bytes, quick):
+def run_case(name, rows, adapters, dtype, bandwidth, cold_bytes, quick, device):
     g = torch.Generator().manual_seed(0)
     elem = torch.tensor([], dtype=dtype).element_size()
     weight_bytes = adapters * RANK * (D_IN + D_OUT) * elem
@@ -125,10 +127,10 @@ def run_case(name, rows, adapters, dtype, bandwidth, cold_bytes, quick):
     flops = 2 * rows * RANK * (3 * D_IN + 2 * D_OUT)
     per_set = weight_bytes + rows * (D_IN + D_OUT) * elem
     count = 2 if quick else max(2, min(32, math.ceil(cold_bytes / per_set)))
-    sets = [make_set(rows, adapters, dtype, g) for _ in range(count)]
-    ours = time_backward(lora_ext_graph, sets)
-    forward = time_forward(sets)
-    loop = time_backward(per_adapter_graph, sets[:2])
+    sets = [make_set(rows, adapters, dtype, g, device) for _ in range(count)]
+    ours = time_backward(lora_ext_graph, sets, device)
+    forward = time_forward(sets, device)
+    loop = time_backward(per_adapter_graph, sets[:2], device)
     row = dict(case=name, dtype=str(dtype).replace("torch.", ""), rows=rows, adapters=adapters, d_in=D_IN,
                d_out=D_OUT, rank=RANK, argument_sets=count, lora_ext_s=ours, per_adapter_loop_s=loop,
                speedup_vs_loop=loop / ours, bytes_moved=must_move, flops=flops,
@@ -136,7 +138,7 @@ def run_case(name, rows, adapters, dtype, bandwidth, cold_bytes, quick):
                backward_gbps=must_move / ours / 1e9, forward_s=forward,
                forward_gbps=(weight_bytes + rows * (D_IN + D_OUT) * elem) / forward / 1e9)
     if name == "prefill":
-        dense = dense_mm_seconds(rows, dtype, g)
+        dense = dense_mm_seconds(rows, dtype, g, device)
         row.update(dense_mm_s=dense, share_of_dense_flop_rate=dense / ours, gflops=flops / ours / 1e9)
     return row
 
@@ -145,17 +147,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two argument sets, float32 only")
     parser.add_argument("--out", help="write the rows and the setup as JSON here")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
-    kept = keep_freed_memory()
-    bandwidth = measure_bandwidth("cpu")
-    cold_bytes = 640 * 2**20
-    print(f"backward of one {D_IN} -> {D_OUT} rank-{RANK} layer; {torch.get_num_threads()} threads; "
+    kept = keep_freed_memory() if args.device == "cpu" else False
+    bandwidth = measure_bandwidth(args.device)
+    cold_bytes = (640 if args.device == "cpu" else 256) * 2**20
+    print(f"backward of one {D_IN} -> {D_OUT} rank-{RANK} layer on {args.device}; {torch.get_num_threads()} threads; "
           f"memory bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     rows = []
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     for dtype in dtypes:
         for name, n_rows, adapters in CASES:
-            r = run_case(name, n_rows, adapters, dtype, bandwidth, cold_bytes, args.quick)
+            r = run_case(name, n_rows, adapters, dtype, bandwidth, cold_bytes, args.quick, args.device)
             rows.append(r)
             line = (f"{name:8s} {r['dtype']:9s} T={n_rows:5d} N={adapters:3d}: lora_ext {r['lora_ext_s'] * 1e3:8.2f} ms, "
                     f"per-adapter loop {r['per_adapter_loop_s'] * 1e3:8.2f} ms ({r['speedup_vs_loop']:.1f}x)")
@@ -167,7 +170,7 @@ def main(argv=None):
                          f"({r['dense_mm_s'] * 1e3:.2f} ms)")
             print(line, flush=True)
     if args.out:
-        result = dict(setup=machine_info("cpu"), bandwidth_bytes_per_s=bandwidth, glibc_keeps_freed_memory=kept,
+        result = dict(setup=machine_info(args.device), bandwidth_bytes_per_s=bandwidth, glibc_keeps_freed_memory=kept,
                       rows=rows)
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:

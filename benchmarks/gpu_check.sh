@@ -38,6 +38,10 @@ step kernel benchmark
 timeout ${BENCH_TIMEOUT:-150} $PY benchmarks/bench_kernels.py --device cuda --out "$OUT/kernels_gpu.json" > "$OUT/bench.log" 2>&1 || { echo "bench failed or timed out"; status=1; }
 grep -A200 "measured bandwidth" "$OUT/bench.log" || tail -20 "$OUT/bench.log"
 
+step backward benchmark
+timeout ${BACKWARD_TIMEOUT:-90} $PY benchmarks/bench_backward.py --device cuda --out "$OUT/backward_gpu.json" > "$OUT/backward.log" 2>&1 || { echo "backward bench failed or timed out"; status=1; }
+tail -5 "$OUT/backward.log"
+
 step compute-sanitizer memcheck and racecheck, in parallel
 timeout ${SANITIZER_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 3 $PY tests/cuda_sanitizer_cases.py > "$OUT/memcheck.log" 2>&1 &
 memcheck=$!

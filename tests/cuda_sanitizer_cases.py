@@ -32,6 +32,14 @@ def main():
         before = out.clone()
         lora_ext.add_lora_(out, **inputs)
         check_add_lora(out, before, inputs, what=path)
+    # The backward (dx, dA, dB), decode- and prefill-shaped, each checked against the reference.
+    from grad_helpers import check_grads  # noqa: E402
+
+    lora_ext.kernel_config.configure(cuda_kernel="auto")
+    for rows, slots, dist in ((9, 8, "distinct"), (150, 3, "with_none")):
+        for dtype in (torch.float32, torch.bfloat16):
+            check_grads("lora_delta", make_inputs(rows, 136, 72, slots, 16, dtype, "cuda", dist, b_layout="rank_major"),
+                        f"cuda backward {dtype} T={rows}")
     # The plan with a cursor too large for shared memory, and out-of-range ids (NaN rows).
     ids = torch.randint(-1, 9000, (3000,), device="cuda")
     assert torch.equal(lora_ext.build_plan(ids, 9000).cpu(), lora_ext.build_plan(ids.cpu(), 9000))
