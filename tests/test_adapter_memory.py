@@ -317,7 +317,7 @@ def test_unload_frees_everything_and_refuses_unknown(adapters):
 
 
 def test_eviction_never_touches_a_slot_a_running_batch_uses(adapters):
-    mm = lora_ext.patch_model(TinyNet(), max_adapters=2, max_rank=8)
+    mm = lora_ext.patch_model(TinyNet(), max_adapters=2, max_rank=8, slot_timeout=0.3)
     for name, path in adapters.items():
         mm.load_adapter(name, path)
     inside, release = threading.Event(), threading.Event()
@@ -337,8 +337,9 @@ def test_eviction_never_touches_a_slot_a_running_batch_uses(adapters):
     # a0's slot is pinned: other batches may only use the one other slot.
     out = mm(x, adapter_names=["a3", "a3"])
     assert_matches_reference(out, x, ["a3", "a3"], adapters)
-    with pytest.raises(RuntimeError, match="no device slot is free"):
-        mm(torch.randn(2, D_IN), adapter_names=["a4", "a5"])
+    with pytest.raises(lora_ext.SlotTimeoutError, match=r"no device slot became free within 0.3 s for adapters "
+                       r"\['a4', 'a5'\]"):
+        mm(torch.randn(2, D_IN), adapter_names=["a4", "a5"])  # waits for a0's slot, in vain
     with pytest.raises(RuntimeError, match="in use by a running batch"):
         mm.unload_adapter("a0")
     release.set()

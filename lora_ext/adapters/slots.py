@@ -25,6 +25,12 @@ class SlotTable:
         self._clock += 1
         self.last_use[slot] = self._clock
 
+    def available(self, exclude=()):
+        """How many slots not in `exclude` could take an adapter now (free, or holding one that no
+        running batch uses)."""
+        exclude = set(exclude)
+        return sum(1 for s in range(self.num_slots) if self.pins[s] == 0 and s not in exclude)
+
     def free_or_victim(self, exclude=()):
         """A free slot, else the least recently used unpinned slot not in `exclude`, else None."""
         candidates = [s for s in range(self.num_slots) if self.pins[s] == 0 and s not in exclude]

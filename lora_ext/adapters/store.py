@@ -9,11 +9,14 @@ Three tiers:
     device slots max_adapters preallocated slots in every patched layer; a batch pins the slots
                  of its adapters, and a pinned slot is never evicted or overwritten
 
-Thread-safe: every public method takes the store's lock. On a GPU, copies into a slot run on a
+Thread-safe: every public method takes the store's lock. A batch that finds the slots it needs
+pinned by running batches waits for them (first come first served, all or nothing, up to
+slot_timeout seconds). On a GPU, copies into a slot run on a
 side stream; a batch makes its stream wait on the slot's event (wait_for_copies), never on the
 whole device.
 """
 
+import collections
 import logging
 import threading
 import time
@@ -26,6 +29,11 @@ from lora_ext.adapters.peft_format import AdapterError, read_peft_adapter
 from lora_ext.adapters.slots import SlotTable
 
 logger = logging.getLogger("lora_ext")
+DEFAULT_SLOT_TIMEOUT = 60.0  # seconds a batch waits for device slots before SlotTimeoutError
+
+
+class SlotTimeoutError(RuntimeError):
+    """A batch waited slot_timeout seconds and running batches still held the device slots it needs."""
 
 
 @dataclass
@@ -70,11 +78,14 @@ class AdapterStore:
     write_slot(slot, ModuleSlotWeights or None, non_blocking) (lora_ext.model.LoraLayer).
     """
 
-    def __init__(self, layers, max_adapters, max_rank, host_cache_bytes=None):
+    def __init__(self, layers, max_adapters, max_rank, host_cache_bytes=None, slot_timeout=DEFAULT_SLOT_TIMEOUT):
         self.layers = layers
         self.max_adapters = max_adapters
         self.max_rank = max_rank
+        self.slot_timeout = slot_timeout
         self._lock = threading.RLock()
+        self._slot_freed = threading.Condition(self._lock)
+        self._waiting = collections.deque()  # batches waiting for slots, first come first served
         self._registry = {}
         self._host = HostCache(host_cache_bytes)
         self._slots = SlotTable(max_adapters)
@@ -179,41 +190,75 @@ class AdapterStore:
 
     # ---- device slots ----------------------------------------------------------------------------
 
-    def acquire(self, names):
+    def acquire(self, names, timeout=None):
         """Slots for `names`, bringing missing adapters in and pinning all of them; {name: slot}.
-        Every name must be registered. Release the slots with release()."""
+        Every name must be registered. Release the slots with release().
+
+        All or nothing: when the free and evictable slots cannot hold every missing adapter now,
+        nothing is pinned and the call waits until running batches release slots, first come first
+        served (a batch that needs many slots is not overtaken forever by batches that need few,
+        and no batch holds slots while it waits, so batches cannot deadlock). After `timeout`
+        seconds (default: the store's slot_timeout) it raises SlotTimeoutError. Only a batch that
+        alone names more adapters than there are slots is refused at once."""
         if len(names) > self.max_adapters:
             raise ValueError(f"lora_ext: the batch names {len(names)} distinct adapters but there are only "
                              f"{self.max_adapters} device slots (max_adapters)")
-        with self._lock:
-            slots = {}
-            for name in names:  # pin the resident ones first so they cannot be evicted below
-                slot = self._slots.slot_of(name)
-                if slot is not None:
-                    slots[name] = slot
-                    self._slots.pin([slot])
-                    self._counters["hits"] += 1
+        timeout = self.slot_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._slot_freed:
+            if not self._waiting:
+                slots = self._try_acquire(names)
+                if slots is not None:
+                    return slots
+            me = object()
+            self._waiting.append(me)
             try:
-                for name in names:
-                    if name in slots:
-                        continue
-                    self._counters["misses"] += 1
-                    slot = self._slots.free_or_victim()
-                    if slot is None:
-                        raise RuntimeError(f"lora_ext: no device slot is free for adapter {name!r}: all "
-                                           f"{self.max_adapters} are in use by running batches")
-                    self._write_slot(slot, name, self._host_weights(name))
-                    slots[name] = slot
-                    self._slots.pin([slot])
-            except BaseException:
-                self._slots.unpin(slots.values())
-                raise
-            return slots
+                while True:
+                    if self._waiting[0] is me:
+                        slots = self._try_acquire(names)
+                        if slots is not None:
+                            return slots
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise SlotTimeoutError(
+                            f"lora_ext: no device slot became free within {timeout:g} s for adapters "
+                            f"{sorted(n for n in names if self._slots.slot_of(n) is None)} of a batch naming "
+                            f"{sorted(names)}: all {self.max_adapters} slots are in use by running batches "
+                            "(raise max_adapters or slot_timeout)")
+                    self._slot_freed.wait(left)
+            finally:
+                self._waiting.remove(me)
+                self._slot_freed.notify_all()
 
     def release(self, slots):
-        """Unpins slots that acquire() returned ({name: slot} or the slot indices)."""
-        with self._lock:
+        """Unpins slots that acquire() returned ({name: slot} or the slot indices) and wakes the
+        batches waiting for slots."""
+        with self._slot_freed:
             self._slots.unpin(slots.values() if isinstance(slots, dict) else slots)
+            self._slot_freed.notify_all()
+
+    def _try_acquire(self, names):
+        """{name: slot} with every slot pinned, or None (and nothing changed) when the free and
+        evictable slots cannot hold the adapters of `names` that are not resident."""
+        self.require(names)  # an adapter may have been unloaded while the batch waited
+        resident = {n: self._slots.slot_of(n) for n in names if self._slots.slot_of(n) is not None}
+        missing = [n for n in names if n not in resident]
+        if self._slots.available(exclude=resident.values()) < len(missing):
+            return None
+        slots = dict(resident)
+        self._slots.pin(slots.values())  # the resident ones first, so they cannot be evicted below
+        self._counters["hits"] += len(resident)
+        try:
+            for name in missing:
+                self._counters["misses"] += 1
+                slot = self._slots.free_or_victim()
+                self._write_slot(slot, name, self._host_weights(name))
+                slots[name] = slot
+                self._slots.pin([slot])
+        except BaseException:
+            self._slots.unpin(slots.values())
+            raise
+        return slots
 
     def wait_for_copies(self, slots):
         """Makes the current CUDA stream wait for copies into these slots (no-op on CPU)."""

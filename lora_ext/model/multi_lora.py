@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from lora_ext.adapters.peft_format import AdapterError
-from lora_ext.adapters.store import AdapterStore
+from lora_ext.adapters.store import DEFAULT_SLOT_TIMEOUT, AdapterStore
 from lora_ext.model.batch import BatchRows, active_batch
 from lora_ext.model.lora_layer import LoraLayer
 from lora_ext.model.targets import find_target_modules
@@ -28,10 +28,14 @@ class MultiLoraModel:
     `store` (an AdapterStore) holds the adapters: registry, host cache, device slots, stats.
     """
 
-    def __init__(self, model, target_modules="all-linear", max_adapters=8, max_rank=64, host_cache_bytes=None):
+    def __init__(self, model, target_modules="all-linear", max_adapters=8, max_rank=64, host_cache_bytes=None,
+                 slot_timeout=DEFAULT_SLOT_TIMEOUT):
         for arg, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"lora_ext: {arg} must be a positive integer, not {value!r}")
+        if isinstance(slot_timeout, bool) or not isinstance(slot_timeout, (int, float)) or not slot_timeout >= 0 \
+                or slot_timeout == float("inf"):
+            raise ValueError(f"lora_ext: slot_timeout must be a finite number of seconds >= 0, not {slot_timeout!r}")
         if getattr(model, "_lora_ext_patched", False) or any(isinstance(m, LoraLayer) for m in model.modules()):
             raise ValueError("lora_ext: this model is already patched; call unpatch() on its MultiLoraModel first")
         self.model = model
@@ -47,7 +51,7 @@ class MultiLoraModel:
             self.layers[name] = LoraLayer(base, name, max_adapters, max_rank, owner=self)
             setattr(parent, child, self.layers[name])
         model._lora_ext_patched = True
-        self.store = AdapterStore(self.layers, max_adapters, max_rank, host_cache_bytes)
+        self.store = AdapterStore(self.layers, max_adapters, max_rank, host_cache_bytes, slot_timeout)
         self._lock = threading.RLock()  # guards the merged state
         self._merged = None
         self._merge_backup = {}
@@ -215,7 +219,8 @@ class MultiLoraModel:
         return None
 
 
-def patch_model(model, target_modules="all-linear", max_adapters=8, max_rank=64, host_cache_bytes=None):
+def patch_model(model, target_modules="all-linear", max_adapters=8, max_rank=64, host_cache_bytes=None,
+                slot_timeout=DEFAULT_SLOT_TIMEOUT):
     """Patches `model` in place so every batch row can use its own LoRA adapter.
 
     Args:
@@ -225,7 +230,9 @@ def patch_model(model, target_modules="all-linear", max_adapters=8, max_rank=64,
         max_adapters: device slots per patched layer (adapters usable in one batch).
         max_rank: the largest adapter rank a slot holds.
         host_cache_bytes: budget of validated adapter weights kept in host memory (None: no limit).
+        slot_timeout: seconds a batch (or prefetch) waits for device slots that running batches
+            hold before it raises SlotTimeoutError.
     Returns:
         MultiLoraModel
     """
-    return MultiLoraModel(model, target_modules, max_adapters, max_rank, host_cache_bytes)
+    return MultiLoraModel(model, target_modules, max_adapters, max_rank, host_cache_bytes, slot_timeout)
