@@ -17,6 +17,17 @@ CPU_FLAGS = _cpu_flags()
 HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= CPU_FLAGS
 HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in CPU_FLAGS
 
+# CPU kernel configurations: the AVX-512 item kernel (default where the CPU has it; its bfloat16
+# shrink uses AVX512-BF16 dot products where present), the same without those dot products, the
+# portable kernel, and the GEMM path for every slot or for none.
+CPU_CONFIGS = {
+    "default": {},
+    "no_dpbf16": {"cpu_avx512_bf16": False},
+    "portable": {"cpu_isa": "portable"},
+    "gemm_always": {"cpu_gemm_min_rows": 1},
+    "gemm_never": {"cpu_gemm_min_rows": 1_000_000_000},
+}
+
 # config -> paths that must not run under it
 FORBIDDEN = {
     "default": (),

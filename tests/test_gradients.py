@@ -9,28 +9,12 @@ import torch
 import lora_ext
 from grad_helpers import Leaves, check_grads, op_grads, upstream_grad, zero_weight_rows
 from helpers import DISTRIBUTIONS, make_inputs
-from kernel_paths import HAS_AVX512, assert_config_paths
+from kernel_paths import CPU_CONFIGS, HAS_AVX512
 from lora_ext import kernel_config
 from lora_ext.reference import lora_delta_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 OPS = ["lora_delta", "add_lora_", "linear_lora"]
-CPU_CONFIGS = {
-    "default": {},
-    "no_dpbf16": {"cpu_avx512_bf16": False},
-    "portable": {"cpu_isa": "portable"},
-    "gemm_always": {"cpu_gemm_min_rows": 1},
-    "gemm_never": {"cpu_gemm_min_rows": 1_000_000_000},
-}
-
-
-@pytest.fixture(params=list(CPU_CONFIGS))
-def cpu_config(request):
-    with kernel_config.configured(**CPU_CONFIGS[request.param]), kernel_config.paths_taken() as taken:
-        yield request.param
-    assert_config_paths(request.param, taken)
-
-
 def slots_for(distribution, rows):
     return min(max(rows, 1), 64) if distribution == "distinct" else 5
 

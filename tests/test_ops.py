@@ -7,7 +7,6 @@ import torch
 import lora_ext
 from lora_ext import kernel_config
 from helpers import DISTRIBUTIONS, check_add_lora, check_lora_delta, delta_yardsticks, make_inputs
-from kernel_paths import assert_config_paths
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ROWS = [0, 1, 7, 64, 1037]
@@ -50,27 +49,6 @@ def test_matches_reference_cpu(dtype, rows, d_in, d_out, distribution):
     inputs = make_inputs(rows, d_in, d_out, slots_for(distribution, rows), 16, dtype, "cpu",
                          distribution, seed=rows + d_in + d_out)
     run_both_ops(inputs, dtype, f"T={rows} {d_in}->{d_out} {distribution}")
-
-
-# CPU kernel configurations: the AVX-512 item kernel (default where the CPU has it; its bfloat16
-# shrink uses AVX512-BF16 dot products where present), the same without those dot products, the
-# portable kernel, and the GEMM path for every slot or for none.
-CPU_CONFIGS = {
-    "default": {},
-    "no_dpbf16": {"cpu_avx512_bf16": False},
-    "portable": {"cpu_isa": "portable"},
-    "gemm_always": {"cpu_gemm_min_rows": 1},
-    "gemm_never": {"cpu_gemm_min_rows": 1_000_000_000},
-}
-
-
-@pytest.fixture(params=list(CPU_CONFIGS))
-def cpu_config(request):
-    """Runs the test under one kernel configuration, then checks that the calls which did LoRA
-    work took that configuration's paths (and never the ones it excludes)."""
-    with kernel_config.configured(**CPU_CONFIGS[request.param]), kernel_config.paths_taken() as taken:
-        yield request.param
-    assert_config_paths(request.param, taken)
 
 
 def config_cases():

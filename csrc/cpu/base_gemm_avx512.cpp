@@ -7,24 +7,14 @@
 #include <array>
 #include <utility>
 
+#include "cpu/avx512_isa.h"
 #include "cpu/item_kernels.h"
-#include "cpu/lane_mask.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LORA_EXT_HAVE_AVX512_GEMM 1
-#include <immintrin.h>
-#endif
 
 namespace lora_ext {
 namespace cpu {
 
-#ifdef LORA_EXT_HAVE_AVX512_GEMM
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
-// GCC 12 warns about an uninitialized variable inside its own avx512fintrin.h helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#ifdef LORA_EXT_HAVE_AVX512
+#include "cpu/avx512_begin.h"
 
 namespace {
 
@@ -93,11 +83,10 @@ void base_gemm_columns(const BaseGemmArgs& g, int64_t n_begin, int64_t n_end) {
   }
 }
 
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+#include "cpu/avx512_end.h"
 #else
 void base_gemm_columns(const BaseGemmArgs&, int64_t, int64_t) {}
-#endif  // LORA_EXT_HAVE_AVX512_GEMM
+#endif  // LORA_EXT_HAVE_AVX512
 
 }  // namespace cpu
 }  // namespace lora_ext

@@ -12,20 +12,15 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cpu/avx512_isa.h"
 #include "cpu/item_kernels.h"
-#include "cpu/lane_mask.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LORA_EXT_HAVE_AVX512_KERNEL 1
-#include <immintrin.h>
-#endif
 
 namespace lora_ext {
 namespace cpu {
 
 // The CPU checks run outside the AVX-512 region below: they must run on any x86-64 CPU.
 bool cpu_has_avx512() {
-#ifdef LORA_EXT_HAVE_AVX512_KERNEL
+#ifdef LORA_EXT_HAVE_AVX512
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -35,7 +30,7 @@ bool cpu_has_avx512() {
 }
 
 bool cpu_has_avx512_bf16() {
-#ifndef LORA_EXT_HAVE_AVX512_KERNEL
+#ifndef LORA_EXT_HAVE_AVX512
   return false;
 #else
   static const bool has = [] {
@@ -49,13 +44,8 @@ bool cpu_has_avx512_bf16() {
 }  // namespace cpu
 }  // namespace lora_ext
 
-#ifdef LORA_EXT_HAVE_AVX512_KERNEL
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-// GCC 12 warns about an uninitialized variable inside its own avx512fintrin.h helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#ifdef LORA_EXT_HAVE_AVX512
+#include "cpu/avx512_begin.h"
 
 #include "cpu/avx512_lanes.h"
 
@@ -375,15 +365,14 @@ ItemKernels kernels_for() {
 }  // namespace cpu
 }  // namespace lora_ext
 
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif  // LORA_EXT_HAVE_AVX512_KERNEL
+#include "cpu/avx512_end.h"
+#endif  // LORA_EXT_HAVE_AVX512
 
 namespace lora_ext {
 namespace cpu {
 
 bool avx512_item_kernels(c10::ScalarType dtype, const ItemArgs& example, ItemKernels* kernels) {
-#ifdef LORA_EXT_HAVE_AVX512_KERNEL
+#ifdef LORA_EXT_HAVE_AVX512
   static_assert(kExpandTaskColumns % kRankMajorCols == 0 && kShrinkTaskRanks % kRanksPerPass == 0,
                 "work is split where the kernel's blocks start");
   const bool strides_fit = example.x_col_stride == 1 && example.a_col_stride == 1 &&

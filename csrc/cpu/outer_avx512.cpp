@@ -6,22 +6,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/avx512_isa.h"
 #include "cpu/item_kernels.h"
-#include "cpu/lane_mask.h"
 #include "cpu/outer_kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LORA_EXT_HAVE_AVX512_KERNEL 1
-#include <immintrin.h>
-#endif
-
-#ifdef LORA_EXT_HAVE_AVX512_KERNEL
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-// GCC 12 warns about an uninitialized variable inside its own avx512fintrin.h helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#ifdef LORA_EXT_HAVE_AVX512
+#include "cpu/avx512_begin.h"
 
 #include "cpu/avx512_lanes.h"
 
@@ -77,15 +67,14 @@ OuterKernel avx512_outer_kernel_for(c10::ScalarType dtype) {
 }  // namespace cpu
 }  // namespace lora_ext
 
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif  // LORA_EXT_HAVE_AVX512_KERNEL
+#include "cpu/avx512_end.h"
+#endif  // LORA_EXT_HAVE_AVX512
 
 namespace lora_ext {
 namespace cpu {
 
 bool avx512_outer_kernel(c10::ScalarType dtype, const OuterArgs& example, OuterKernel* kernel) {
-#ifdef LORA_EXT_HAVE_AVX512_KERNEL
+#ifdef LORA_EXT_HAVE_AVX512
   if (example.y_col_stride != 1 || example.out_col_stride != 1 || !cpu_has_avx512()) return false;
   *kernel = avx512_outer_kernel_for(dtype);
   return true;

@@ -2,21 +2,11 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cpu/avx512_isa.h"
 #include "cpu/item_kernels.h"
-#include "cpu/lane_mask.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LORA_EXT_HAVE_AVX512_KERNEL 1
-#include <immintrin.h>
-#endif
-
-#ifdef LORA_EXT_HAVE_AVX512_KERNEL
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-// GCC 12 warns about an uninitialized variable inside its own avx512fintrin.h helpers.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#ifdef LORA_EXT_HAVE_AVX512
+#include "cpu/avx512_begin.h"
 
 #include "cpu/avx512_lanes.h"
 
@@ -187,6 +177,5 @@ template void quad_shrink<c10::BFloat16, true>(const ItemArgs* const*, float* co
 }  // namespace cpu
 }  // namespace lora_ext
 
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif  // LORA_EXT_HAVE_AVX512_KERNEL
+#include "cpu/avx512_end.h"
+#endif  // LORA_EXT_HAVE_AVX512
