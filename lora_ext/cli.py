@@ -15,12 +15,19 @@ def inspect_adapter(path, allow_pickle=False, max_rank=None, out=None):
         print(f"{path}: problem: {exc}", file=out)
         return 1
     config = adapter.config
-    print(f"{path}: LoRA adapter, base model {config.get('base_model_name_or_path')!r}", file=out)
-    print(f"  r={config['r']} lora_alpha={config['lora_alpha']} use_rslora={bool(config.get('use_rslora'))} "
-          f"target_modules={config.get('target_modules')!r}", file=out)
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
-        if config.get(key):
-            print(f"  {key}={config[key]!r}", file=out)
+    print(f"{path}: LoRA adapter, base model {config.base_model_name_or_path!r}", file=out)
+    print(f"  r={config.r} lora_alpha={config.lora_alpha} use_rslora={config.use_rslora} "
+          f"target_modules={_listed(config.target_modules)!r}", file=out)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if getattr(config, key):
+            print(f"  {key}={dict(getattr(config, key))!r}", file=out)
+    for key in ("exclude_modules", "layers_to_transform", "layers_pattern"):
+        if getattr(config, key) is not None:
+            print(f"  {key}={_listed(getattr(config, key))!r}", file=out)
+    if config.fan_in_fan_out:
+        print("  fan_in_fan_out=True (the base weight is stored (in, out); lora_A / lora_B are read alike)", file=out)
+    if config.extra:
+        print(f"  keys lora_ext does not read: {', '.join(sorted(config.extra))}", file=out)
     width = max(len(m) for m in adapter.modules)
     print(f"  {'module':{width}}  rank  scaling     d_in  d_out", file=out)
     problems = 0
@@ -32,6 +39,10 @@ def inspect_adapter(path, allow_pickle=False, max_rank=None, out=None):
     print(f"  {len(adapter.modules)} modules, {adapter.nbytes / 2**20:.2f} MiB of weights"
           f"{f', {problems} problems' if problems else ', no problems found'}", file=out)
     return 1 if problems else 0
+
+
+def _listed(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def main(argv=None):

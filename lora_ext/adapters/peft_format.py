@@ -1,13 +1,16 @@
 """Reads and validates a PEFT LoRA adapter directory, without any model.
 
 A directory holds adapter_config.json and adapter_model.safetensors (or the legacy pickle
-adapter_model.bin, read only when the caller opts in, and then with weights_only=True). Each
+adapter_model.bin, read only when the caller opts in, and then with weights_only=True). Both are
+untrusted: the config becomes a validated AdapterConfig (config.py) before anything reads it, and
+the safetensors header is read and checked here (sizes, byte ranges inside the file and apart,
+floating dtypes, LoRA A/B keys only; with the caller's `modules` and `max_rank`, also that every
+module is patched, fits its layer and stays within max_rank) before any tensor is read. Each
 targeted module gets its rank and scaling exactly as PEFT computes them: rank_pattern and
 alpha_pattern (first matching key wins), rsLoRA (alpha / sqrt(r)) or plain LoRA (alpha / r).
 Everything that changes the math and is not implemented is refused, never ignored.
 """
 
-import json
 import math
 import os
 import re
@@ -15,15 +18,19 @@ from dataclasses import dataclass
 
 import torch
 
-CONFIG_FILE = "adapter_config.json"
+from lora_ext.adapters.config import (CONFIG_FILE, AdapterConfig, AdapterError, module_scaling,  # noqa: F401
+                                      clip, open_regular_file, parse_json, pattern_value, read_config,
+                                      refuse_unsupported_config, short)
+
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
+MAX_HEADER_BYTES = 100 << 20
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
-_INIT_THAT_CHANGES_THE_BASE = ("pissa", "olora", "corda")
-
-
-class AdapterError(ValueError):
-    """An adapter that lora_ext refuses; the message names the adapter, the file or module and the values."""
+# safetensors dtype -> (bytes per element, torch dtype of the floating ones lora_ext reads)
+_DTYPES = {"F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16),
+           "BF16": (2, torch.bfloat16), "F8_E4M3": (1, torch.float8_e4m3fn), "F8_E5M2": (1, torch.float8_e5m2),
+           "F8_E8M0": (1, None), "BOOL": (1, None), "U8": (1, None), "I8": (1, None), "I16": (2, None),
+           "U16": (2, None), "I32": (4, None), "U32": (4, None), "I64": (8, None), "U64": (8, None)}
 
 
 @dataclass
@@ -45,7 +52,7 @@ class ModuleWeights:
 class PeftAdapter:
     name: str
     path: str
-    config: dict
+    config: AdapterConfig
     modules: dict  # module name in the base model -> ModuleWeights
 
     @property
@@ -53,130 +60,188 @@ class PeftAdapter:
         return sum(m.nbytes for m in self.modules.values())
 
 
-def read_peft_adapter(name, path, *, allow_pickle=False):
-    """Reads and validates the adapter directory `path`; raises AdapterError on anything refused."""
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the file declares it: dtype (name, and the torch dtype if floating), shape
+    and, for safetensors, its absolute byte range in the file."""
+
+    dtype: str
+    torch_dtype: object
+    shape: tuple
+    begin: int = 0
+    end: int = 0
+
+
+def read_peft_adapter(name, path, *, allow_pickle=False, modules=None, max_rank=None):
+    """Reads and validates the adapter directory `path`; raises AdapterError on anything refused.
+
+    modules: optional {module name: (d_in, d_out)} of the patched layers; weights of any other
+    module, or of a shape that does not fit, are refused. max_rank: optional largest rank. Both
+    are checked from the file's header, before any tensor is read."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise AdapterError(f"adapter {name!r}: {path!r} is not a directory")
     config = read_config(name, path)
-    refuse_unsupported_config(name, path, config)
-    tensors = read_tensors(name, path, allow_pickle)
-    modules = pair_modules(name, path, tensors, config)
-    check_layers_to_transform(name, config, modules)
-    return PeftAdapter(name=name, path=path, config=config, modules=modules)
+    file, f, entries, tensors = open_weights(name, path, allow_pickle)
+    with f:
+        plan = plan_modules(name, file, entries, config, modules, max_rank)
+        check_layers_to_transform(name, config, plan)
+        weights = {}
+        for module, (key_a, key_b, rank) in plan.items():
+            a, b = (tensors[k] if tensors is not None else read_tensor_bytes(name, file, f, k, entries[k])
+                    for k in (key_a, key_b))
+            weights[module] = check_module(name, module, a, b, rank, config)
+    return PeftAdapter(name=name, path=path, config=config, modules=weights)
 
 
-def read_config(name, path):
-    file = os.path.join(path, CONFIG_FILE)
-    try:
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise AdapterError(f"adapter {name!r}: {file} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"adapter {name!r}: {file} cannot be read as JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"adapter {name!r}: {file} must hold a JSON object, not {type(config).__name__}")
-    for field_name, kind in (("r", int), ("lora_alpha", (int, float))):
-        value = config.get(field_name)
-        if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-            raise AdapterError(f"adapter {name!r}: {file} field {field_name!r} must be a positive number, "
-                               f"not {value!r}")
-    return config
-
-
-def refuse_unsupported_config(name, path, config):
-    """Config features that change the math and are not implemented are refused by name."""
-    file = os.path.join(path, CONFIG_FILE)
-    refusals = []
-    if config.get("peft_type", "LORA") != "LORA":
-        refusals.append(f"peft_type {config.get('peft_type')!r} (only LORA adapters are supported)")
-    if config.get("use_dora"):
-        refusals.append("use_dora=true (DoRA is not supported)")
-    if config.get("modules_to_save"):
-        refusals.append(f"modules_to_save={config['modules_to_save']!r} (fully trained modules are not supported)")
-    if config.get("bias", "none") != "none":
-        refusals.append(f"bias={config['bias']!r} (trained biases are not supported)")
-    if config.get("lora_bias"):
-        refusals.append("lora_bias=true (a bias on lora_B is not supported)")
-    if config.get("layer_replication"):
-        refusals.append("layer_replication (not supported)")
-    if config.get("target_parameters"):
-        refusals.append(f"target_parameters={config['target_parameters']!r} (LoRA on parameters is not supported)")
-    if config.get("trainable_token_indices"):
-        refusals.append("trainable_token_indices (trainable tokens are not supported)")
-    if config.get("alora_invocation_tokens"):
-        refusals.append("alora_invocation_tokens (activated LoRA is not supported)")
-    init = str(config.get("init_lora_weights", "")).lower()
-    if init.startswith(_INIT_THAT_CHANGES_THE_BASE):
-        refusals.append(f"init_lora_weights={config['init_lora_weights']!r} (it changes the base weights; convert "
-                        "the adapter to plain LoRA with PEFT first)")
-    if refusals:
-        raise AdapterError(f"adapter {name!r}: {file} uses unsupported features: " + "; ".join(refusals))
-
-
-def read_tensors(name, path, allow_pickle):
+def open_weights(name, path, allow_pickle):
+    """(file, open file object, {key: TensorEntry}, tensors or None): the safetensors file with its
+    checked header (tensors None: read later, only those needed), or the pickle, loaded."""
     safetensors_file = os.path.join(path, SAFETENSORS_FILE)
     pickle_file = os.path.join(path, PICKLE_FILE)
-    if os.path.exists(safetensors_file):
-        from safetensors.torch import load_file
-
+    if os.path.lexists(safetensors_file):
+        f, size = open_regular_file(name, safetensors_file)
         try:
-            return load_file(safetensors_file, device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for corrupt or truncated files
-            raise AdapterError(f"adapter {name!r}: {safetensors_file} is corrupt or truncated: {exc}") from None
-    if os.path.exists(pickle_file):
-        if not allow_pickle:
-            raise AdapterError(f"adapter {name!r}: {path} holds only {PICKLE_FILE}, a pickle, which can run code "
-                               "when loaded; pass allow_pickle=True to load it with torch.load(weights_only=True)")
-        try:
-            tensors = torch.load(pickle_file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise AdapterError(f"adapter {name!r}: {pickle_file} cannot be loaded with weights_only=True: {exc}") from None
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise AdapterError(f"adapter {name!r}: {pickle_file} must hold a dict of tensors")
-        return tensors
-    raise AdapterError(f"adapter {name!r}: {path} has neither {SAFETENSORS_FILE} nor {PICKLE_FILE}")
+            return safetensors_file, f, read_safetensors_header(name, safetensors_file, f, size), None
+        except BaseException:
+            f.close()
+            raise
+    if not os.path.lexists(pickle_file):
+        raise AdapterError(f"adapter {name!r}: {path} has neither {SAFETENSORS_FILE} nor {PICKLE_FILE}")
+    if not allow_pickle:
+        raise AdapterError(f"adapter {name!r}: {path} holds only {PICKLE_FILE}, a pickle, which can run code "
+                           "when loaded; pass allow_pickle=True to load it with torch.load(weights_only=True)")
+    f, _ = open_regular_file(name, pickle_file)
+    try:
+        tensors = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        f.close()
+        raise AdapterError(f"adapter {name!r}: {pickle_file} cannot be loaded with weights_only=True: {exc}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        f.close()
+        raise AdapterError(f"adapter {name!r}: {pickle_file} must hold a dict of tensors")
+    entries = {k: TensorEntry(str(v.dtype), v.dtype if v.is_floating_point() else None, tuple(v.shape))
+               for k, v in tensors.items()}
+    return pickle_file, f, entries, tensors
 
 
-def pattern_value(patterns, module, default):
-    """PEFT's rank_pattern / alpha_pattern rule: the first key that matches the module's name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def read_safetensors_header(name, file, f, size):
+    """{key: TensorEntry} from the header of the open safetensors file `f` of `size` bytes: an
+    8-byte little-endian length, then that many bytes of JSON; every declared range checked."""
+    corrupt = f"adapter {name!r}: {file} is corrupt or truncated"
+    if size < 8:
+        raise AdapterError(f"{corrupt}: {size} bytes, less than the 8-byte header length")
+    length = int.from_bytes(f.read(8), "little")
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise AdapterError(f"{corrupt}: header length {length} is more than the {size - 8} bytes after it "
+                           f"or the limit of {MAX_HEADER_BYTES}")
+    raw = f.read(length)
+    if len(raw) != length:
+        raise AdapterError(f"{corrupt}: header of {length} bytes, only {len(raw)} read")
+    header = parse_json(raw, f"{corrupt}: its header cannot be read as JSON")
+    if not isinstance(header, dict):
+        raise AdapterError(f"{corrupt}: its header must be a JSON object, not {type(header).__name__}")
+    data_start, entries = 8 + length, {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"{corrupt}: tensor {short(key)}"
+        if not isinstance(info, dict):
+            raise AdapterError(f"{where} must be described by an object, not {short(info)}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise AdapterError(f"{where} has dtype {short(dtype)}, not one of {', '.join(_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+            raise AdapterError(f"{where} has shape {short(shape)}, not a list of integers >= 0")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise AdapterError(f"{where} has data_offsets {short(offsets)}, not [begin, end] with 0 <= begin <= end")
+        if data_start + offsets[1] > size:
+            raise AdapterError(f"{where}: data_offsets {offsets} lie outside the file ({size - data_start} data "
+                               "bytes)")
+        nbytes = math.prod(shape) * _DTYPES[dtype][0]
+        if offsets[1] - offsets[0] != nbytes:
+            raise AdapterError(f"{where}: shape {shape} of {dtype} is {nbytes} bytes, but data_offsets {offsets} "
+                               f"span {offsets[1] - offsets[0]}")
+        entries[key] = TensorEntry(dtype, _DTYPES[dtype][1], tuple(shape), data_start + offsets[0],
+                                   data_start + offsets[1])
+    spans = sorted((e.begin, e.end, k) for k, e in entries.items() if e.end > e.begin)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise AdapterError(f"{corrupt}: tensors {short(first)} and {short(second)} overlap "
+                               f"(bytes {entries[first].begin}..{end} and {begin}..{entries[second].end})")
+    return entries
 
 
-def module_scaling(config, module):
-    """(rank, scaling) that PEFT gives this module."""
-    rank = pattern_value(config.get("rank_pattern"), module, config["r"])
-    alpha = pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return rank, scaling
+def _is_index(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def pair_modules(name, path, tensors, config):
+def read_tensor_bytes(name, file, f, key, entry):
+    """The tensor `key` read from its checked byte range of the open safetensors file."""
+    data = bytearray(entry.end - entry.begin)
+    f.seek(entry.begin)
+    if f.readinto(data) != len(data):  # the file shrank after its header was checked
+        raise AdapterError(f"adapter {name!r}: {file} is corrupt or truncated: tensor {short(key)} could not be "
+                           "read in full")
+    if not data:
+        return torch.empty(entry.shape, dtype=entry.torch_dtype)
+    return torch.frombuffer(data, dtype=entry.torch_dtype).reshape(entry.shape)  # safetensors is little-endian
+
+
+def plan_modules(name, file, entries, config, modules=None, max_rank=None):
+    """{module: (lora_A key, lora_B key, rank)} from the declared keys, dtypes and shapes alone."""
     halves, refused = {}, []
-    for key, tensor in tensors.items():
+    for key in entries:
         match = _KEY.match(key)
         if match is None:
             refused.append(key)
             continue
-        halves.setdefault(match["module"], {})[match["which"]] = tensor
+        halves.setdefault(match["module"], {}).setdefault(match["which"], []).append(key)
     if refused:
         kinds = sorted({_describe_key(k) for k in refused})
-        raise AdapterError(f"adapter {name!r}: unsupported weights {refused[:5]}{' ...' if len(refused) > 5 else ''} "
-                           f"({', '.join(kinds)})")
+        raise AdapterError(f"adapter {name!r}: {file}: unsupported weights {[clip(k) for k in refused[:5]]}"
+                           f"{' ...' if len(refused) > 5 else ''} ({', '.join(kinds)})")
     if not halves:
-        raise AdapterError(f"adapter {name!r}: {path} holds no lora_A / lora_B weights")
-    modules = {}
+        raise AdapterError(f"adapter {name!r}: {os.path.dirname(file)} holds no lora_A / lora_B weights")
+    if modules is not None:
+        unknown = sorted(m for m in halves if m not in modules)
+        if unknown:
+            raise AdapterError(f"adapter {name!r}: {file}: weights for modules that are not patched: "
+                               f"{[clip(m) for m in unknown[:5]]}{' ...' if len(unknown) > 5 else ''} "
+                               f"({len(unknown)} of {len(halves)}); patched modules look like {sorted(modules)[:3]}")
+    plan = {}
     for module, pair in sorted(halves.items()):
-        if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise AdapterError(f"adapter {name!r}: module {module!r} has {'lora_A' if 'A' in pair else 'lora_B'} "
-                               f"but no {missing}")
-        modules[module] = check_module(name, module, pair["A"], pair["B"], config)
-    return modules
+        problem = _module_problem(pair, entries, config.rank(module), (modules or {}).get(module), max_rank)
+        if problem:
+            raise AdapterError(f"adapter {name!r}: module {module!r}{problem} ({file})")
+        plan[module] = (pair["A"][0], pair["B"][0], config.rank(module))
+    return plan
+
+
+def _module_problem(pair, entries, rank, layer, max_rank):
+    """What is wrong with one module's declared weights ('' if nothing): pairing, shapes, dtypes,
+    its layer's (d_in, d_out) if given, max_rank if given and the config's rank."""
+    if set(pair) != {"A", "B"}:
+        return " has lora_A but no lora_B" if "A" in pair else " has lora_B but no lora_A"
+    for which, keys in sorted(pair.items()):
+        if len(keys) > 1:
+            return f" has {len(keys)} lora_{which} weights: {[clip(k) for k in keys[:3]]}"
+    a, b = entries[pair["A"][0]], entries[pair["B"][0]]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        return f": lora_A {a.shape} and lora_B {b.shape} must be 2-D"
+    if a.shape[0] != b.shape[1]:
+        return f": lora_A has rank {a.shape[0]} (shape {a.shape}) but lora_B has rank {b.shape[1]} (shape {b.shape})"
+    if a.torch_dtype is None or b.torch_dtype is None:
+        return f": weights must be floating point, not {a.dtype} / {b.dtype} ({pair['A'][0]}, {pair['B'][0]})"
+    if layer is not None and (a.shape[1], b.shape[0]) != tuple(layer):
+        return f": lora_A {a.shape} and lora_B {b.shape} do not fit the layer ({layer[0]} -> {layer[1]})"
+    if max_rank is not None and a.shape[0] > max_rank:
+        return f": rank {a.shape[0]} exceeds max_rank={max_rank}"
+    if a.shape[0] != rank:
+        return f": weights have rank {a.shape[0]} but the config gives rank {short(rank)} (r / rank_pattern)"
+    return ""
 
 
 def _describe_key(key):
@@ -191,24 +256,14 @@ def _describe_key(key):
     return "not LoRA A/B weights"
 
 
-def check_module(name, module, lora_a, lora_b, config):
+def check_module(name, module, lora_a, lora_b, rank, config):
+    """ModuleWeights of one planned module, once its weights are read: finite values, scaling."""
     where = f"adapter {name!r}: module {module!r}"
-    if lora_a.dim() != 2 or lora_b.dim() != 2:
-        raise AdapterError(f"{where}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} must be 2-D")
-    if lora_a.shape[0] != lora_b.shape[1]:
-        raise AdapterError(f"{where}: lora_A has rank {lora_a.shape[0]} (shape {tuple(lora_a.shape)}) but lora_B has "
-                           f"rank {lora_b.shape[1]} (shape {tuple(lora_b.shape)})")
-    if not lora_a.is_floating_point() or not lora_b.is_floating_point():
-        raise AdapterError(f"{where}: weights must be floating point, not {lora_a.dtype} / {lora_b.dtype}")
-    rank, scaling = module_scaling(config, module)
-    if lora_a.shape[0] != rank:
-        raise AdapterError(f"{where}: weights have rank {lora_a.shape[0]} but the config gives rank {rank} "
-                           "(r / rank_pattern)")
     for half, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
-        if not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise AdapterError(f"{where}: {half} holds {bad} NaN or infinite values")
-    return ModuleWeights(module, lora_a, lora_b, rank, float(scaling))
+        finite = torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float())  # no isfinite for float8
+        if not finite.all():
+            raise AdapterError(f"{where}: {half} holds {int((~finite).sum())} NaN or infinite values")
+    return ModuleWeights(module, lora_a, lora_b, rank, config.scaling(module))
 
 
 def layer_index(module, layers_pattern):
@@ -222,12 +277,11 @@ def layer_index(module, layers_pattern):
 
 def check_layers_to_transform(name, config, modules):
     """Weights outside layers_to_transform mean the file and its config disagree."""
-    layers = config.get("layers_to_transform")
-    if layers is None:
+    if config.layers_to_transform is None:
         return
-    allowed = {layers} if isinstance(layers, int) else set(layers)
+    allowed = set(config.layers_to_transform)
     for module in modules:
-        index = layer_index(module, config.get("layers_pattern"))
+        index = layer_index(module, config.layers_pattern)
         if index is not None and index not in allowed:
             raise AdapterError(f"adapter {name!r}: module {module!r} is in layer {index}, but layers_to_transform "
                                f"is {sorted(allowed)}")

@@ -277,7 +277,9 @@ class AdapterStore:
         return next(iter(self.layers.values())).device
 
     def _read_for_slots(self, name, path, allow_pickle):
-        adapter = read_peft_adapter(name, path, allow_pickle=allow_pickle)
+        adapter = read_peft_adapter(name, path, allow_pickle=allow_pickle, max_rank=self.max_rank,
+                                    modules={m: (layer.in_features, layer.out_features)
+                                             for m, layer in self.layers.items()})
         weights = self._cast_for_slots(adapter)
         record = AdapterRecord(name, str(path), allow_pickle, {m: w.rank for m, w in adapter.modules.items()},
                                {m: w.scaling for m, w in adapter.modules.items()}, weights.nbytes)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 import lora_ext
-from lora_ext.adapters.peft_format import read_config
+from lora_ext.adapters.config import read_config
 from lora_ext.bench.synthetic import build_default_model, load_local_model, make_adapters
 
 
@@ -27,11 +27,7 @@ class Workload:
     def max_rank(self):
         """The largest rank any adapter's config gives a module (r or rank_pattern); loading then
         checks that the weights agree, so the weights need not be read here."""
-        ranks = []
-        for name, path in self.paths.items():
-            config = read_config(name, path)
-            ranks += [config["r"], *(config.get("rank_pattern") or {}).values()]
-        return max(ranks)
+        return max(read_config(name, path).largest_rank for name, path in self.paths.items())
 
     def patched(self, model, names):
         """`model` patched by lora_ext with the adapters `names` loaded."""
