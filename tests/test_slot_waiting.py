@@ -9,12 +9,27 @@ import pytest
 import torch
 
 import lora_ext
-from test_adapter_memory import D_IN, TinyNet, reference, write_adapter
+from test_adapter_memory import D_IN, TinyNet, peft_lora, reference as per_row_reference, write_adapter
+
+BASE = TinyNet()  # built once: TinyNet() seeds the global generator, which other threads draw from
 
 
 @pytest.fixture
 def paths(tmp_path):
-    return {f"a{i}": write_adapter(tmp_path / f"a{i}", seed=i, rank=1 + i % 6) for i in range(12)}
+    paths = {f"a{i}": write_adapter(tmp_path / f"a{i}", seed=i, rank=1 + i % 6) for i in range(12)}
+    for path in paths.values():
+        peft_lora(path)  # PEFT's weights read once, before any thread starts
+    return paths
+
+
+def reference(x, names, paths):
+    """Each row alone through the base model and its adapter as PEFT loads it (float64)."""
+    return per_row_reference(x, names, paths, base=BASE)
+
+
+def rows(count, rng):
+    """Inputs from a thread's own generator (the global one is shared by every thread)."""
+    return torch.randn(count, D_IN, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
 
 
 def loaded(paths, slots, **kwargs):
@@ -119,7 +134,7 @@ def test_batches_that_each_need_most_slots_never_deadlock(paths):
         rng = random.Random(i)
         for _ in range(15):
             chosen = rng.sample(names, 3)
-            x = torch.randn(3, D_IN)
+            x = rows(3, rng)
             out = mm(x, adapter_names=chosen)
             torch.testing.assert_close(out.double(), reference(x, chosen, paths), rtol=1e-4, atol=1e-4)
 
@@ -137,10 +152,10 @@ def test_many_threads_serve_mixed_batches_that_match_peft(paths):
         rng = random.Random(100 + i)
         for _ in range(25):
             chosen = rng.sample(names, rng.randint(1, 4))
-            rows = [rng.choice(chosen + ["__base__"]) for _ in range(5)]
-            x = torch.randn(5, D_IN)
-            out = mm(x, adapter_names=rows)
-            torch.testing.assert_close(out.double(), reference(x, rows, paths), rtol=1e-4, atol=1e-4)
+            per_row = [rng.choice(chosen + ["__base__"]) for _ in range(5)]
+            x = rows(5, rng)
+            out = mm(x, adapter_names=per_row)
+            torch.testing.assert_close(out.double(), reference(x, per_row, paths), rtol=1e-4, atol=1e-4)
 
     run_threads(serve, count=6, limit=180)
     assert mm.stats()["slot_evictions"] > 20
@@ -156,14 +171,14 @@ def test_a_batch_needing_every_slot_is_not_starved(paths):
     def small(i):
         rng = random.Random(i)
         while not stop.is_set():
-            mm(torch.randn(2, D_IN), adapter_names=[rng.choice(["a0", "a1", "a2", "a3"])] * 2)
+            mm(rows(2, rng), adapter_names=[rng.choice(["a0", "a1", "a2", "a3"])] * 2)
 
     workers = [threading.Thread(target=small, args=(i,)) for i in range(3)]
     for w in workers:
         w.start()
     try:
         time.sleep(0.2)
-        x, big = torch.randn(4, D_IN), ["a8", "a9", "a10", "a11"]
+        x, big = rows(4, random.Random(7)), ["a8", "a9", "a10", "a11"]
         started = time.monotonic()
         out = mm(x, adapter_names=big)
         assert time.monotonic() - started < 20
