@@ -85,7 +85,7 @@ def read_peft_adapter(name, path, *, allow_pickle=False, modules=None, max_rank=
     file, f, entries, tensors = open_weights(name, path, allow_pickle)
     with f:
         plan = plan_modules(name, file, entries, config, modules, max_rank)
-        check_layers_to_transform(name, config, plan)
+        check_layers_to_transform(name, config, plan, modules)
         weights = {}
         for module, (key_a, key_b, rank) in plan.items():
             a, b = (tensors[k] if tensors is not None else read_tensor_bytes(name, file, f, k, entries[k])
@@ -275,11 +275,19 @@ def layer_index(module, layers_pattern):
     return None
 
 
-def check_layers_to_transform(name, config, modules):
-    """Weights outside layers_to_transform mean the file and its config disagree."""
+def check_layers_to_transform(name, config, modules, patched=None):
+    """Weights outside layers_to_transform mean the file and its config disagree; with the patched
+    modules known, layers_to_transform must name layers the model has."""
     if config.layers_to_transform is None:
         return
     allowed = set(config.layers_to_transform)
+    if patched is not None:
+        present = {layer_index(m, config.layers_pattern) for m in patched} - {None}
+        absent = sorted(allowed - present)
+        if present and absent:
+            raise AdapterError(f"adapter {name!r}: {CONFIG_FILE} field 'layers_to_transform' names layers {absent} "
+                               f"that the model's patched modules do not have (they are in layers "
+                               f"{min(present)}-{max(present)})")
     for module in modules:
         index = layer_index(module, config.layers_pattern)
         if index is not None and index not in allowed:

@@ -286,26 +286,21 @@ class AdapterStore:
         return weights, record
 
     def _cast_for_slots(self, adapter):
-        """Checks every module against the patched layers and casts the weights to their dtypes."""
-        unknown = sorted(m for m in adapter.modules if m not in self.layers)
-        if unknown:
-            raise AdapterError(f"adapter {adapter.name!r}: weights for modules that are not patched: {unknown[:5]}"
-                               f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} of {len(adapter.modules)}); "
-                               f"patched modules look like {sorted(self.layers)[:3]}")
+        """Casts every module's weights to its layer's dtype (which modules, shapes and ranks fit
+        the layers the reader checked, from the file's header); refuses weights or scalings that
+        overflow in that dtype."""
         pin = torch.cuda.is_available() and self._device().type == "cuda"
         modules = {}
         for module, w in adapter.modules.items():
             layer = self.layers[module]
             where = f"adapter {adapter.name!r}: module {module!r}"
-            if w.lora_a.shape[1] != layer.in_features or w.lora_b.shape[0] != layer.out_features:
-                raise AdapterError(f"{where}: lora_A {tuple(w.lora_a.shape)} and lora_B {tuple(w.lora_b.shape)} do not "
-                                   f"fit the layer ({layer.in_features} -> {layer.out_features})")
-            if w.rank > self.max_rank:
-                raise AdapterError(f"{where}: rank {w.rank} exceeds max_rank={self.max_rank}")
             a = w.lora_a.to(layer.dtype).contiguous()
             b_t = w.lora_b.T.to(layer.dtype).contiguous()
             if not (torch.isfinite(a).all() and torch.isfinite(b_t).all()):
                 raise AdapterError(f"{where}: weights overflow to infinity when cast to {layer.dtype}")
+            if not torch.isfinite(torch.tensor(w.scaling, dtype=layer.dtype)):
+                raise AdapterError(f"{where}: scaling {w.scaling:g} (from lora_alpha and r) overflows to infinity in "
+                                   f"{layer.dtype}")
             if pin:
                 a, b_t = a.pin_memory(), b_t.pin_memory()
             modules[module] = ModuleSlotWeights(a, b_t, w.rank, w.scaling)
