@@ -14,14 +14,13 @@ of a model would. Each figure is the median of repeated autograd.grad calls on r
 
 import argparse
 import ctypes
-import json
 import math
-import os
 import sys
 
 import torch
 
 import lora_ext
+from lora_ext import atomic
 from lora_ext.bench.measure import machine_info, measure_bandwidth, median_seconds
 
 D_IN = D_OUT = 4096
@@ -172,10 +171,7 @@ def main(argv=None):
     if args.out:
         result = dict(setup=machine_info(args.device), bandwidth_bytes_per_s=bandwidth, glibc_keeps_freed_memory=kept,
                       rows=rows)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.out)
+        atomic.write_json(args.out, result, indent=1)
     return 0
 
 

@@ -14,12 +14,12 @@ Two parts, both float32, timed with the weights rotated over more than the last-
 """
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
 
 import lora_ext
+from lora_ext import atomic
 from lora_ext.bench.measure import machine_info, measure_bandwidth, median_interleaved
 
 GEMM_SHAPES = [(768, 768), (768, 2048), (2048, 768), (4096, 4096), (4096, 11008), (11008, 4096)]
@@ -129,8 +129,7 @@ def main(argv=None):
     result = dict(setup=machine_info("cpu"), bandwidth_bytes_per_s=bandwidth, model=model_part(args.rounds, bandwidth, args.max_rank),
                   gemm=None if args.skip_gemm else gemm_part(args.rounds))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        atomic.write_json(args.out, result, indent=1, default=str)
         print(f"wrote {args.out}")
 
 

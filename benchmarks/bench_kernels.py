@@ -15,7 +15,6 @@ the bandwidth measured here (CPU: a streaming read; CUDA: device-to-device copy,
 """
 
 import argparse
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import lora_ext
+from lora_ext import atomic
 from lora_ext.bench.distributions import slot_ids_for, uniform_groups
 from lora_ext.bench.measure import cuda_event_seconds, machine_info, measure_bandwidth, median_seconds
 from lora_ext.reference import lora_delta_ref
@@ -291,8 +291,7 @@ def main(argv=None):
               else "perf_counter per call, median", "rows": rows}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic.write_json(args.out, result, indent=1)
         print(f"wrote {args.out}")
     return result
 

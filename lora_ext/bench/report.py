@@ -1,8 +1,9 @@
 """The benchmark's outputs: a table, a JSON file with every figure and the setup, a PNG plot."""
 
-import json
 import logging
 import os
+
+from lora_ext import atomic
 
 # (title, meaning, number format or None for text, key in each row); widths follow the content.
 COLUMNS = [
@@ -43,8 +44,7 @@ def column_help():
 
 
 def write_json(path, result):
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    atomic.write_json(path, result, indent=1, default=str)
 
 
 # base: grey; lora_ext's own scenarios: blue; the ways others serve the same batch: red.
@@ -77,7 +77,8 @@ def write_plot(path, rows, title):
     axes[1].set_yticklabels([])
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -85,6 +86,5 @@ def write_outputs(out_dir, result, text, plot_title):
     """bench.json, bench.txt and bench.png into out_dir (made if missing)."""
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "bench.json"), result)
-    with open(os.path.join(out_dir, "bench.txt"), "w") as f:
-        f.write(text + "\n")
+    atomic.write_text(os.path.join(out_dir, "bench.txt"), text + "\n")
     write_plot(os.path.join(out_dir, "bench.png"), result["rows"], plot_title)
