@@ -1,9 +1,10 @@
 """The benchmark's built-in model and synthetic adapters, saved as real PEFT directories."""
 
-import json
 import os
 
 import torch
+
+from lora_ext import atomic
 
 # Llama architecture, random weights, sized so `lora-ext bench` takes about two minutes on a
 # 2-core CPU. Every linear layer of every block gets adapters ("all-linear").
@@ -47,12 +48,12 @@ def write_peft_adapter(directory, modules, rank, alpha, seed):
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) / rank ** 0.5
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
+    with atomic.atomic_path(os.path.join(directory, "adapter_model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank if alpha is None else alpha,
                   target_modules=sorted({n.rsplit(".", 1)[-1] for n, _, _ in modules}), lora_dropout=0.0,
                   bias="none", use_rslora=False, use_dora=False, modules_to_save=None, base_model_name_or_path=None)
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+    atomic.write_json(os.path.join(directory, "adapter_config.json"), config, indent=1)
     return directory
 
 
