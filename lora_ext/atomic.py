@@ -4,6 +4,7 @@ atomic), so a crash or an error midway leaves the previous version, never half a
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -35,3 +36,31 @@ def write_text(path, text):
 def write_json(path, obj, **dump_kwargs):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, **dump_kwargs)
+
+
+@contextmanager
+def atomic_directory(path):
+    """Yields a temporary folder next to `path`; when the block ends without error it takes the
+    place of `path` (an existing `path` is moved aside first and removed after), otherwise it is
+    removed and `path` is left as it was. Between the two renames a crash can leave `path` missing
+    and the old version beside it, under a dot name: never a half-written folder at `path`."""
+    path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb+") as f:
+                os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

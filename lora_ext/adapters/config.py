@@ -227,6 +227,12 @@ def _init(value):
     return value
 
 
+def _dropout(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise _Invalid("a number in [0, 1)")
+    return float(value)
+
+
 def _optional(kind, expected):
     def parse(value):
         if value is not None and not isinstance(value, kind):
@@ -237,7 +243,7 @@ def _optional(kind, expected):
 
 # field: (check, default when absent; None: the check decides). The fields lora_ext reads or refuses.
 _FIELDS = {
-    "r": (_rank, None), "lora_alpha": (_alpha, None), "use_rslora": (_boolean, False),
+    "r": (_rank, None), "lora_alpha": (_alpha, None), "use_rslora": (_boolean, False), "lora_dropout": (_dropout, 0.0),
     "rank_pattern": (_pattern(_rank), None), "alpha_pattern": (_pattern(_alpha), None),
     "target_modules": (_modules, None), "exclude_modules": (_modules, None),
     "layers_to_transform": (_layers_to_transform, None), "layers_pattern": (_layers_pattern, None),
@@ -267,6 +273,7 @@ class AdapterConfig:
     r: int
     lora_alpha: float
     use_rslora: bool
+    lora_dropout: float
     rank_pattern: tuple   # ((regex key, rank), ...) in file order
     alpha_pattern: tuple  # ((regex key, alpha), ...)
     target_modules: object  # tuple of name suffixes, one regex string, or None
@@ -343,6 +350,12 @@ def read_config(name, path):
     with f:
         data = read_limited(name, file, f, size, MAX_CONFIG_BYTES)
     raw = parse_json(data, f"adapter {name!r}: {file} cannot be read as JSON")
+    return parse_config(name, raw, file)
+
+
+def parse_config(name, raw, file):
+    """The validated AdapterConfig of the mapping `raw` (a parsed adapter_config.json, or the
+    fields of a new adapter); `file` names where it came from in messages."""
     if not isinstance(raw, dict):
         raise AdapterError(f"adapter {name!r}: {file} must hold a JSON object, not {type(raw).__name__}")
     peft_type = raw.get("peft_type", "LORA")
@@ -360,7 +373,7 @@ def read_config(name, path):
                                f"not {short(shown)}{bad.why}") from None
     extra = {k: v for k, v in raw.items() if k not in _FIELDS and k != "peft_type"}
     config = AdapterConfig(adapter=name, file=file, extra=extra, **values)
-    refuse_unsupported_config(name, path, config)
+    refuse_unsupported_config(name, config)
     return config
 
 
@@ -368,7 +381,7 @@ def _refuse(name, file, refusals):
     raise AdapterError(f"adapter {name!r}: {file} uses unsupported features: " + "; ".join(refusals))
 
 
-def refuse_unsupported_config(name, path, config):
+def refuse_unsupported_config(name, config):
     """Config features that change the math and are not implemented are refused by name."""
     refusals = []
     if config.peft_type != "LORA":
@@ -398,4 +411,4 @@ def refuse_unsupported_config(name, path, config):
         refusals.append(f"init_lora_weights={config.init_lora_weights!r} (it changes the base weights; convert "
                         "the adapter to plain LoRA with PEFT first)")
     if refusals:
-        _refuse(name, os.path.join(os.fspath(path), CONFIG_FILE), refusals)
+        _refuse(name, config.file, refusals)

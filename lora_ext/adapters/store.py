@@ -89,6 +89,8 @@ class AdapterStore:
         self._registry = {}
         self._host = HostCache(host_cache_bytes)
         self._slots = SlotTable(max_adapters)
+        self._trainable = {}      # name -> TrainableAdapter (its weights live there, not in the host cache)
+        self._slot_versions = {}  # slot -> the trainable adapter's version when copied in (None otherwise)
         self._copy_stream = None
         self._pending_copies = {}  # slot -> (event, weights kept alive until the copy is done)
         self._counters = dict(hits=0, misses=0, slot_evictions=0, host_evictions=0, disk_reads=0,
@@ -127,8 +129,35 @@ class AdapterStore:
                 for layer in self.layers.values():
                     layer.write_slot(slot, None)
             self._host.remove(name)
+            self._trainable.pop(name, None)
             del self._registry[name]
         logger.info("unloaded adapter %r", name)
+
+    def register_trainable(self, trainable, path=None):
+        """Registers a TrainableAdapter (lora_ext/adapters/trainable.py): its leaves are its host
+        weights (never evicted: there may be no file to read them again from); a batch copies them
+        into a slot, again whenever they changed since (an optimizer step)."""
+        name = trainable.name
+        with self._lock:
+            if name in self._registry:
+                raise ValueError(f"lora_ext: adapter {name!r} is already loaded (from {self._registry[name].path!r}); "
+                                 "unload it first")
+            weights = self._cast_for_slots(trainable)
+            self._registry[name] = AdapterRecord(name, None if path is None else str(path), False,
+                                                 {m: w.rank for m, w in trainable.modules.items()},
+                                                 {m: w.scaling for m, w in trainable.modules.items()}, weights.nbytes)
+            self._trainable[name] = trainable
+        logger.info("added trainable adapter %r: %d modules", name, len(trainable.modules))
+
+    def trainable(self, name):
+        """The TrainableAdapter registered as `name`, or None for a frozen one."""
+        with self._lock:
+            self.record(name)  # refuses unknown names
+            return self._trainable.get(name)
+
+    def trainable_names(self):
+        with self._lock:
+            return list(self._trainable)
 
     def require(self, names):
         """Raises ValueError naming every name in `names` that is not registered."""
@@ -245,6 +274,11 @@ class AdapterStore:
         missing = [n for n in names if n not in resident]
         if self._slots.available(exclude=resident.values()) < len(missing):
             return None
+        for name, slot in resident.items():  # a trainable adapter trained since it was copied in
+            trainable = self._trainable.get(name)
+            if trainable is not None and self._slot_versions.get(slot) != trainable.version() \
+                    and self._slots.pins[slot] == 0:
+                self._copy_into_slot(slot, name, self._host_weights(name))
         slots = dict(resident)
         self._slots.pin(slots.values())  # the resident ones first, so they cannot be evicted below
         self._counters["hits"] += len(resident)
@@ -294,8 +328,8 @@ class AdapterStore:
         for module, w in adapter.modules.items():
             layer = self.layers[module]
             where = f"adapter {adapter.name!r}: module {module!r}"
-            a = w.lora_a.to(layer.dtype).contiguous()
-            b_t = w.lora_b.T.to(layer.dtype).contiguous()
+            a = w.lora_a.detach().to(layer.dtype).contiguous()
+            b_t = w.lora_b.detach().T.to(layer.dtype).contiguous()
             if not (torch.isfinite(a).all() and torch.isfinite(b_t).all()):
                 raise AdapterError(f"{where}: weights overflow to infinity when cast to {layer.dtype}")
             if not torch.isfinite(torch.tensor(w.scaling, dtype=layer.dtype)):
@@ -307,7 +341,11 @@ class AdapterStore:
         return AdapterSlotWeights(adapter.name, modules)
 
     def _host_weights(self, name):
-        """The adapter's slot weights from the host cache, or read again from its files."""
+        """The adapter's slot weights: a trainable adapter's current weights cast to the layers'
+        dtypes, else from the host cache, or read again from its files."""
+        trainable = self._trainable.get(name)
+        if trainable is not None:
+            return self._cast_for_slots(trainable)
         weights = self._host.get(name)
         if weights is None:
             record = self._registry[name]
@@ -326,6 +364,11 @@ class AdapterStore:
         if evicted is not None:
             self._counters["slot_evictions"] += 1
             logger.info("device slot %d: evicted adapter %r for %r", slot, evicted, name)
+        self._copy_into_slot(slot, name, weights)
+
+    def _copy_into_slot(self, slot, name, weights):
+        trainable = self._trainable.get(name)
+        self._slot_versions[slot] = trainable.version() if trainable is not None else None
         device = self._device()
         if device.type != "cuda":
             for module, layer in self.layers.items():

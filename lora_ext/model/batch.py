@@ -13,6 +13,8 @@ _current_batch = contextvars.ContextVar("lora_ext_batch", default=None)
 
 
 class BatchRows:
+    training = False  # TrainBatch: a training forward (lora_ext/model/train_batch.py)
+
     def __init__(self, owner, row_slots, num_slots, any_adapter=True):
         self.owner = owner
         self.row_slots = row_slots  # (B,) int64 on the layers' device, -1 = base model
@@ -47,5 +49,10 @@ def active_batch(batch):
 
 
 def current_batch(owner):
+    """The batch of the model call running now, or, outside any call, the owner's last training
+    batch (gradient checkpointing recomputes layers during backward, after the call returned,
+    and they must see the same rows)."""
     batch = _current_batch.get()
-    return batch if batch is not None and batch.owner is owner else None
+    if batch is not None and batch.owner is owner:
+        return batch
+    return owner.recompute_batch if owner.training else None

@@ -74,6 +74,8 @@ class LoraLayer(torch.nn.Module):
         base = self._modules["base_layer"]
         if batch is None or not batch.any_adapter:
             return base(x, *args, **kwargs)
+        if batch.training:
+            return self._train_forward(batch, base, x, args, kwargs)
         slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
         rows = x.reshape(-1, self.in_features)
         lora_a, lora_b, scales, ranks = self._op_args or self._cache_op_args()
@@ -90,6 +92,16 @@ class LoraLayer(torch.nn.Module):
             return out
         delta = ops.lora_delta(rows, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return out + delta.view(out.shape).to(out.dtype)
+
+    def _train_forward(self, batch, base, x, args, kwargs):
+        """base(x) plus each row's delta through autograd: the batch's adapters stacked from their
+        leaves (float32), the LoRA input dropped per row; the sum rounded once to the base's dtype."""
+        out = base(x, *args, **kwargs)
+        slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
+        lora_a, lora_b, scales, ranks = batch.stacks(self)
+        rows = batch.drop(x.reshape(-1, self.in_features), slot_ids).to(lora_a.dtype)
+        delta = ops.lora_delta(rows, lora_a, lora_b, slot_ids, scales, ranks, plan)
+        return (out.to(delta.dtype) + delta.view(*out.shape[:-1], self.out_features)).to(out.dtype)
 
     def _cache_op_args(self):
         """(lora_a, lora_b, scales, ranks) as the ops take them, kept until _apply replaces buffers."""

@@ -17,13 +17,16 @@ from lora_ext.adapters.store import DEFAULT_SLOT_TIMEOUT, AdapterStore
 from lora_ext.model.batch import BatchRows, active_batch
 from lora_ext.model.lora_layer import LoraLayer
 from lora_ext.model.targets import find_target_modules
+from lora_ext.model.train_batch import TrainBatch
+from lora_ext.model.training import TrainingMixin
 
 logger = logging.getLogger("lora_ext")
 BASE_ADAPTER = "__base__"  # the adapter name of rows that use the base model alone
 
 
-class MultiLoraModel:
-    """A model whose linear layers serve many adapters at once. Use patch_model() to make one.
+class MultiLoraModel(TrainingMixin):
+    """A model whose linear layers serve (and train) many adapters at once. Use patch_model() to
+    make one.
 
     `store` (an AdapterStore) holds the adapters: registry, host cache, device slots, stats.
     """
@@ -59,18 +62,25 @@ class MultiLoraModel:
 
     # ---- adapters ------------------------------------------------------------------------------
 
-    def load_adapter(self, name, path, *, allow_pickle=False):
+    def load_adapter(self, name, path, *, allow_pickle=False, trainable=False):
         """Validates the PEFT adapter in directory `path` and registers it as `name`.
 
         Nothing changes unless every check passes: an AdapterError (a ValueError) names the adapter,
         file or module and the values. The adapter goes into a device slot now if one is free, else
-        when a batch first names it.
+        when a batch first names it. trainable=True: its weights become float32 leaves to continue
+        training (adapter_parameters).
         """
         self._check_patched()
+        self._check_new_name(name)
+        if trainable:
+            self._load_trainable(name, path, allow_pickle)
+        else:
+            self.store.register(name, path, allow_pickle=allow_pickle)
+
+    def _check_new_name(self, name):
         if not isinstance(name, str) or not name or name == BASE_ADAPTER:
             raise ValueError(f"lora_ext: adapter name must be a non-empty string other than {BASE_ADAPTER!r}, "
                              f"not {name!r}")
-        self.store.register(name, path, allow_pickle=allow_pickle)
 
     def unload_adapter(self, name):
         """Forgets `name` and frees its slot and cached weights (refused while a batch uses it)."""
@@ -92,11 +102,24 @@ class MultiLoraModel:
     # ---- running batches -----------------------------------------------------------------------
 
     def __call__(self, *args, adapter_names=None, **kwargs):
-        """The model's forward; adapter_names gives each batch row its adapter ("__base__"/None: none)."""
+        """The model's forward; adapter_names gives each batch row its adapter ("__base__"/None: none).
+        In training mode (train()) autograd records it; otherwise it runs without gradients."""
         self._check_patched()
+        if self.training:
+            return self._train_call(args, kwargs, adapter_names)
         if adapter_names is None:
             return self._call_without_names(self.model, *args, **kwargs)
         with self._batch(adapter_names, self._batch_size(args, kwargs)):
+            return self.model(*args, **kwargs)
+
+    def _train_call(self, args, kwargs, adapter_names):
+        if adapter_names is None:  # the base model alone: nothing of lora_ext's to train
+            self.recompute_batch = None
+            return self.model(*args, **kwargs)
+        names = self._row_names(adapter_names, self._batch_size(args, kwargs))
+        batch = TrainBatch(self, names, self.store, self._device())
+        self.recompute_batch = batch  # layers recomputed during backward see the same rows
+        with active_batch(batch):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names=None, **kwargs):

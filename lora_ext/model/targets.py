@@ -55,3 +55,23 @@ def find_target_modules(model, target_modules):
         raise ValueError(f"lora_ext: target_modules={target_modules!r} matches no module of "
                          f"{type(model).__name__}")
     return names
+
+
+def modules_targeted_by(config, patched):
+    """The patched module names a PEFT config targets, as PEFT chooses them: target_modules
+    ("all-linear", a regex matched against the full name, or name suffixes), minus exclude_modules,
+    within layers_to_transform (layers found by layers_pattern)."""
+    from lora_ext.adapters.peft_format import layer_index
+
+    def chosen(spec, name):
+        if spec is None:
+            return False
+        if spec == "all-linear":
+            return True
+        return _matches(name, spec if isinstance(spec, str) else list(spec))
+
+    names = [n for n in patched if chosen(config.target_modules, n) and not chosen(config.exclude_modules, n)]
+    if config.layers_to_transform is not None:
+        layers = set(config.layers_to_transform)
+        names = [n for n in names if layer_index(n, config.layers_pattern) in layers]
+    return names

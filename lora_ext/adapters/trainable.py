@@ -1,0 +1,89 @@
+"""Trainable adapters: each patched module's lora_A (r, d_in) and lora_B (d_out, r) as float32 leaf
+tensors that any torch optimizer updates, created as PEFT creates them (add_adapter) or from a PEFT
+directory (load_adapter(..., trainable=True)).
+
+Float32 whatever the base model's dtype, as PEFT trains by default (autocast_adapter_dtype=True).
+The training forward stacks the leaves of the batch's adapters per layer (lora_ext/model/train_batch.py),
+so gradients reach them through autograd and an adapter with no row in a step gets none.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lora_ext.adapters.config import AdapterError
+
+ADAPTER_DTYPE = torch.float32
+
+
+@dataclass
+class TrainableModule:
+    lora_a: torch.Tensor  # (rank, d_in), a leaf that requires grad
+    lora_b: torch.Tensor  # (d_out, rank)
+    rank: int
+    scaling: float
+
+
+class TrainableAdapter:
+    """One adapter's trainable weights: {module name: TrainableModule}, its config, its dropout."""
+
+    def __init__(self, name, config, modules, dropout=0.0):
+        self.name = name
+        self.config = config
+        self.modules = modules
+        self.dropout = dropout
+
+    def parameters(self):
+        """The leaves, in module order: lora_A then lora_B of each module."""
+        return [t for m in self.modules.values() for t in (m.lora_a, m.lora_b)]
+
+    def version(self):
+        """Changes whenever an optimizer (or anything in place) changes a weight."""
+        return sum(t._version for t in self.parameters())
+
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.parameters())
+
+
+def init_weights(init, rank, d_in, d_out, generator=None):
+    """(A, B) as PEFT's LoraLayer initialises them: True: A Kaiming-uniform (a = sqrt(5)), B zeros;
+    "gaussian": A normal with std 1 / rank, B zeros; False: both as nn.Linear initialises its weight
+    (Kaiming-uniform, a = sqrt(5))."""
+    a, b = torch.empty(rank, d_in), torch.zeros(d_out, rank)
+    if init == "gaussian":
+        a.normal_(0.0, 1.0 / rank, generator=generator)
+    elif init is True or init is False:
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        if init is False:
+            torch.nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)
+    else:
+        raise AdapterError(f"init_lora_weights={init!r} is not implemented for new trainable adapters "
+                           "(True, \"gaussian\" and False are)")
+    return a, b
+
+
+def leaf(tensor, device):
+    return tensor.detach().to(device=device, dtype=ADAPTER_DTYPE).clone().requires_grad_()
+
+
+def new_adapter(name, config, modules, layers, max_rank, generator=None):
+    """A trainable adapter of `config` on `modules` (patched module names it targets), initialised
+    as PEFT would."""
+    trainable = {}
+    for module in modules:
+        layer, rank = layers[module], config.rank(module)
+        if rank > max_rank:
+            raise AdapterError(f"adapter {name!r}: module {module!r}: rank {rank} exceeds max_rank={max_rank}")
+        a, b = init_weights(config.init_lora_weights, rank, layer.in_features, layer.out_features, generator)
+        trainable[module] = TrainableModule(leaf(a, layer.device), leaf(b, layer.device), rank,
+                                            config.scaling(module))
+    return TrainableAdapter(name, config, trainable, config.lora_dropout)
+
+
+def adapter_from_weights(name, config, module_weights, layers):
+    """A trainable adapter holding the weights read from a PEFT directory (ModuleWeights)."""
+    modules = {m: TrainableModule(leaf(w.lora_a, layers[m].device), leaf(w.lora_b, layers[m].device), w.rank,
+                                  w.scaling) for m, w in module_weights.items()}
+    return TrainableAdapter(name, config, modules, config.lora_dropout)

@@ -1,0 +1,67 @@
+"""The batch of one training forward pass: per patched layer, the weights of the batch's adapters
+stacked as the ops take them, built from the trainable adapters' leaves so that autograd carries
+each row's gradient to its own adapter (and an adapter with no row gets none), plus each row's
+LoRA dropout.
+
+Only the batch's adapters are stacked, padded to the largest rank this layer sees in the batch;
+frozen (served) adapters may share a training batch and get no gradient. The stacks are float32
+(trainable adapters are float32 whatever the base model's dtype, as PEFT trains them).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from lora_ext.adapters.trainable import ADAPTER_DTYPE
+from lora_ext.model.batch import BatchRows
+
+
+class TrainBatch(BatchRows):
+    training = True
+
+    def __init__(self, owner, names, store, device):
+        """names: each row's adapter name, or None for the base model alone."""
+        self.adapters = list(dict.fromkeys(n for n in names if n is not None))
+        index = {n: i for i, n in enumerate(self.adapters)}
+        row_slots = torch.tensor([index[n] if n is not None else -1 for n in names], dtype=torch.long, device=device)
+        super().__init__(owner, row_slots, max(len(self.adapters), 1), any_adapter=bool(self.adapters))
+        # each adapter's weights: a TrainableAdapter (leaves) or the frozen one's AdapterSlotWeights
+        self.sources = [store.trainable(n) or store.slot_weights(n) for n in self.adapters]
+        dropout = [getattr(src, "dropout", 0.0) for src in self.sources]
+        self.dropout = torch.tensor(dropout, device=device) if any(dropout) else None
+        self.device = device
+
+    def stacks(self, layer):
+        """(lora_a (S, R, d_in), lora_b (S, d_out, R) as a rank-major view, scales (S,), ranks (S,))
+        for `layer`, S the batch's adapters, R the largest rank among them here; float32, built
+        from the leaves (so they take part in autograd). Built for every call, never kept: under
+        gradient checkpointing the recomputed forward needs its own graph."""
+        entries = [src.modules.get(layer.module_name) for src in self.sources]
+        max_rank = max([1] + [e.rank for e in entries if e is not None])
+        a_rows, b_rows, scales, ranks = [], [], [], []
+        for e in entries:
+            if e is None:  # this adapter does not target the layer: rank 0 adds nothing
+                a_rows.append(torch.zeros(max_rank, layer.in_features, dtype=ADAPTER_DTYPE, device=self.device))
+                b_rows.append(torch.zeros(max_rank, layer.out_features, dtype=ADAPTER_DTYPE, device=self.device))
+                scales.append(0.0)
+                ranks.append(0)
+                continue
+            a, b_t = (e.lora_a, e.lora_b.T) if hasattr(e, "lora_b") else (e.lora_a, e.lora_b_t)
+            pad = max_rank - e.rank
+            a_rows.append(F.pad(a.to(device=self.device, dtype=ADAPTER_DTYPE), (0, 0, 0, pad)))
+            b_rows.append(F.pad(b_t.to(device=self.device, dtype=ADAPTER_DTYPE), (0, 0, 0, pad)))
+            scales.append(e.scaling)
+            ranks.append(e.rank)
+        return (torch.stack(a_rows), torch.stack(b_rows).transpose(1, 2),
+                torch.tensor(scales, dtype=torch.float32, device=self.device),
+                torch.tensor(ranks, dtype=torch.int32, device=self.device))
+
+    def drop(self, rows, slot_ids):
+        """The LoRA input of each token row: PEFT's dropout with its adapter's probability (the
+        base layer sees the rows undropped). Autograd keeps the mask, so the backward uses the
+        same one."""
+        if self.dropout is None:
+            return rows
+        p = torch.where(slot_ids >= 0, self.dropout[slot_ids.clamp(min=0)], torch.zeros((), device=rows.device))
+        p = p.to(rows.dtype)[:, None]
+        keep = torch.rand(rows.shape, device=rows.device, dtype=torch.float32) >= p
+        return rows * keep / (1 - p)
