@@ -6,8 +6,9 @@ import torch
 
 from lora_ext import atomic
 
-# Llama architecture, random weights, sized so `lora-ext bench` takes about two minutes on a
-# 2-core CPU. Every linear layer of every block gets adapters ("all-linear").
+# Llama architecture, random weights, small enough for a full `lora-ext bench` to run in minutes on
+# a 2-core CPU (its run time is in benchmarks/NOTES.md). Every linear layer of every block gets
+# adapters ("all-linear").
 DEFAULT_MODEL_CONFIG = dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
                             num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=512,
                             tie_word_embeddings=False)
