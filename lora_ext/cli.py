@@ -1,4 +1,4 @@
-"""The lora-ext command: `lora-ext inspect DIR` (and `python -m lora_ext ...`)."""
+"""The lora-ext command: `lora-ext inspect DIR`, `lora-ext bench`, `lora-ext train` (and `python -m lora_ext ...`)."""
 
 import argparse
 import sys
@@ -51,6 +51,10 @@ def main(argv=None):
         from lora_ext.bench.main import main as bench_main  # imported here: it needs transformers
 
         return bench_main(argv[1:])
+    if argv[:1] == ["train"]:
+        from lora_ext.finetune.main import main as train_main
+
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lora-ext", description="Serve many LoRA adapters on one base model.")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="show a PEFT adapter's modules, ranks, scalings and problems")
@@ -59,6 +63,7 @@ def main(argv=None):
                          help="read adapter_model.bin (with torch.load(weights_only=True))")
     inspect.add_argument("--max-rank", type=int, default=None, help="report modules above this rank as problems")
     commands.add_parser("bench", help="end-to-end multi-adapter throughput benchmark (lora-ext bench --help)")
+    commands.add_parser("train", help="fine-tune one adapter per dataset in one run (lora-ext train --help)")
     args = parser.parse_args(argv)
     return max(inspect_adapter(d, args.allow_pickle, args.max_rank) for d in args.directory)
 
