@@ -23,6 +23,7 @@ const std::vector<SettingSpec>& specs() {
   static const std::vector<SettingSpec> table{
       {"cpu_isa", {"auto", "portable"}, kCpuIsaAuto, 0},
       {"cpu_gemm_min_rows", {}, 64, 1},
+      {"cpu_backward_gemm_min_rows", {}, 256, 1},
       {"cpu_fused_linear", {"off", "on"}, 1, 0},
       {"cpu_avx512_bf16", {"off", "on"}, 1, 0},
       {"cuda_kernel", {"auto", "simt", "mma"}, kCudaAuto, 0},

@@ -15,7 +15,8 @@ namespace lora_ext {
 
 enum class Setting : int {
   kCpuIsa,           // "auto": AVX-512 item kernels where the CPU has them; "portable": never
-  kCpuGemmMinRows,   // slots with at least this many rows take the CPU GEMM path
+  kCpuGemmMinRows,   // slots with at least this many rows take the CPU GEMM path (forward)
+  kCpuBackwardGemmMinRows,  // the same for lora_backward (its per-slot kernels win longer)
   kCpuFusedLinear,   // "on"/"off": linear_lora's fused CPU path (lora_ext's GEMM + items)
   kCpuAvx512Bf16,    // "on"/"off": bfloat16 shrink with AVX512-BF16 dot products where present
   kCudaKernel,       // "auto", "simt" (CUDA cores) or "mma" (tensor cores, float16/bfloat16)

@@ -5,6 +5,8 @@ csrc/kernel_config.cpp):
 
     cpu_isa            ["auto"]  "portable" forces the portable CPU item kernels
     cpu_gemm_min_rows  [64]      slots with at least this many rows run as two ATen GEMMs on CPU
+    cpu_backward_gemm_min_rows [256]  the same for the backward (lora_backward), whose per-slot
+                                 kernels measured faster up to 128-512 rows (benchmarks/NOTES.md)
     cpu_fused_linear   [True]    linear_lora's fused CPU path (lora_ext's GEMM + the deltas)
     cpu_avx512_bf16    [True]    bfloat16 shrink with AVX512-BF16 dot products where the CPU has them
     cuda_kernel        ["auto"]  "simt" (CUDA cores) or "mma" (tensor cores) forces a CUDA path

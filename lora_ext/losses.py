@@ -20,11 +20,16 @@ def per_adapter_loss(logits, labels, adapter_names, *, shift=True, ignore_index=
                          f"{logits.shape[0]} rows")
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
+    rows, length, vocab = logits.shape
+    # One cross-entropy over every token (one backward through the logits), then each adapter's
+    # mean over its own rows' tokens, gathered by index (not as a masked sum over all rows: a NaN
+    # loss on one adapter times another's zero weight would be NaN for that one too).
+    token_loss = F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=ignore_index,
+                                 reduction="none").view(rows, length)
+    row_loss, row_tokens = token_loss.sum(1), (labels != ignore_index).sum(1).to(token_loss.dtype)
     losses = {}
     for name in dict.fromkeys(n for n in adapter_names if n not in (None, BASE_ADAPTER)):
-        rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=logits.device)
-        rows_logits = logits.index_select(0, rows)
-        losses[name] = F.cross_entropy(rows_logits.reshape(-1, rows_logits.shape[-1]).float(),
-                                       labels.index_select(0, rows).reshape(-1), ignore_index=ignore_index)
+        mine = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=logits.device)
+        losses[name] = row_loss.index_select(0, mine).sum() / row_tokens.index_select(0, mine).sum()
     total = sum(losses.values()) if losses else logits.sum() * 0
     return total, losses

@@ -24,8 +24,8 @@ CPU_CONFIGS = {
     "default": {},
     "no_dpbf16": {"cpu_avx512_bf16": False},
     "portable": {"cpu_isa": "portable"},
-    "gemm_always": {"cpu_gemm_min_rows": 1},
-    "gemm_never": {"cpu_gemm_min_rows": 1_000_000_000},
+    "gemm_always": {"cpu_gemm_min_rows": 1, "cpu_backward_gemm_min_rows": 1},
+    "gemm_never": {"cpu_gemm_min_rows": 1_000_000_000, "cpu_backward_gemm_min_rows": 1_000_000_000},
 }
 
 # config -> paths that must not run under it

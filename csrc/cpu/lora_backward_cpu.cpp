@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   const BackwardCall call{dy, x, lora_a, lora_b, lora, grads};
 
   std::vector<WorkItem> units, gemm_units;
-  const int64_t gemm_rows = setting(Setting::kCpuGemmMinRows);
+  const int64_t gemm_rows = setting(Setting::kCpuBackwardGemmMinRows);
   for (int64_t s = 0; s < sizes.slots; ++s) {
     const int64_t count = offsets[s + 1] - offsets[s];
     if (count == 0 || lora.rank_of(s) == 0) continue;

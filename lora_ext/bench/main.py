@@ -128,7 +128,12 @@ def exit_status(correctness, kernel_paths):
 
 
 def main(argv=None):
-    args = parse_args(argv if argv is not None else sys.argv[1:])
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if "--train" in argv:  # the training benchmark has its own options
+        from lora_ext.bench.train_bench import main as train_bench_main
+
+        return train_bench_main(argv)
+    args = parse_args(argv)
     started = time.perf_counter()
     code = run(args)
     print(f"total time {time.perf_counter() - started:.0f} s")
