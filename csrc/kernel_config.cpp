@@ -33,7 +33,8 @@ const std::vector<SettingSpec>& specs() {
 
 constexpr const char* kPathNames[] = {
     "cpu_items_avx512", "cpu_items_avx512_bf16", "cpu_items_portable", "cpu_items_quad",
-    "cpu_items_split",  "cpu_gemm_segments",     "cpu_linear_fused",   "cpu_linear_unfused",
+    "cpu_items_split",  "cpu_gemm_segments",     "cpu_gemm_batched",   "cpu_linear_fused",
+    "cpu_linear_unfused",
     "cuda_simt",        "cuda_mma",
 };
 static_assert(sizeof(kPathNames) / sizeof(kPathNames[0]) == static_cast<size_t>(KernelPath::kCount),

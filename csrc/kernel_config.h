@@ -36,6 +36,7 @@ enum class KernelPath : int {
   kCpuItemsQuad,        // a thread ran decode items four at a time
   kCpuItemsSplit,       // items split over threads (fewer items than threads)
   kCpuGemmSegments,     // slots with many rows as two ATen GEMMs
+  kCpuGemmBatched,      // ... several of them with equal row counts and ranks as batched GEMMs
   kCpuLinearFused,      // linear_lora: lora_ext's GEMM and the items in one parallel region
   kCpuLinearUnfused,    // linear_lora: ATen's linear, then the deltas
   kCudaSimt,            // CUDA cores (decode kernels)

@@ -53,7 +53,7 @@ def _linear_lora_backward(ctx, grad):
     need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     dx, da, db = lora_backward(grad, x, lora_a, lora_b, slot_ids, scales, ranks, plan, (need_x, need_a, need_b))
     if need_x:
-        dx = torch.addmm(dx, grad, weight)  # the base layer's dy @ W added to the LoRA part
+        dx = dx.addmm_(grad, weight)  # the base layer's dy @ W added to the LoRA part (dx is fresh)
     dweight = grad.t() @ x if need_weight else None
     dbias = grad.sum(0) if need_bias else None
     return (dx, dweight, dbias, da, db) + _NO_GRAD

@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/gemm_groups.h"
 #include "cpu/item_kernels.h"
 #include "cpu/outer_kernels.h"
 #include "cpu/work.h"
@@ -189,6 +190,29 @@ void run_gemm_unit(const BackwardCall& c, const at::Tensor& plan_order, const Wo
   if (c.grads.db.defined()) scaled_mm(c.grads.db.select(0, unit.slot).narrow(1, 0, rank), dys.t(), at::mm(xs, a.t()));
 }
 
+// Two or more slots with the same row count and rank, as run_gemm_unit computes one, in batched
+// GEMMs (gemm_groups.h); the scale multiplies v and u (rounded once more than with alpha).
+void run_gemm_group(const BackwardCall& c, const at::Tensor& plan_order, const std::vector<WorkItem>& group) {
+  const int64_t rank = c.lora.rank_of(group[0].slot);
+  const at::Tensor scales = group_scales(c.lora, group);
+  const at::Tensor a = slot_parts(c.lora_a, group, 1, rank);                   // (S, rank, d_in)
+  const at::Tensor b_t = slot_parts(c.lora_b.transpose(1, 2), group, 1, rank);  // (S, rank, d_out)
+  const GroupRows rows = group_rows(plan_order, group);
+  const at::Tensor xs = rows.of(c.x), dys = rows.of(c.dy);
+  const at::Tensor v = at::bmm(dys, b_t.transpose(1, 2)).mul_(scales);  // (S, count, rank), scaled
+  if (c.grads.dx.defined() && rows.first >= 0) {
+    at::Tensor dx_rows = c.grads.dx.narrow(0, rows.first, rows.slots * rows.count).view({rows.slots, rows.count, -1});
+    at::bmm_out(dx_rows, v, a);
+  } else if (c.grads.dx.defined()) {
+    c.grads.dx.index_copy_(0, rows.index, at::bmm(v, a).view({-1, a.size(2)}));
+  }
+  if (c.grads.da.defined()) put_slot_parts(c.grads.da, group, 1, rank, at::bmm(v.transpose(1, 2), xs));
+  if (c.grads.db.defined()) {  // dB^T = u^T dy, in (S, rank, d_out) like b_t
+    const at::Tensor u = at::bmm(xs, a.transpose(1, 2)).mul_(scales);
+    put_slot_parts(c.grads.db.transpose(1, 2), group, 1, rank, at::bmm(u.transpose(1, 2), dys));
+  }
+}
+
 // Zeroes what no unit writes: weight gradients beyond each slot's rank (all of a slot without
 // rows), so the gradient of every stacked buffer is defined everywhere.
 void zero_unwritten(const BackwardCall& c, const std::vector<bool>& has_unit) {
@@ -209,11 +233,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
   check_out("lora_backward", "grad_out", dy, x, sizes);
   check_slot_and_rank_values(slot_ids, ranks, sizes);
   Grads grads;
-  if (output_mask[0]) grads.dx = at::zeros({sizes.rows, sizes.d_in}, x.options());
   if (output_mask[1]) grads.da = at::empty_like(lora_a);
   if (output_mask[2]) grads.db = at::empty_like(lora_b);
   std::vector<bool> has_unit(sizes.slots, false);
   if (sizes.rows == 0 || !(output_mask[0] || output_mask[1] || output_mask[2])) {
+    if (output_mask[0]) grads.dx = at::zeros({sizes.rows, sizes.d_in}, x.options());
     zero_unwritten(BackwardCall{dy, x, lora_a, lora_b, LoraCall{x, lora_a, lora_b, grads.dx, scales, ranks, sizes,
                                                                  false}, grads}, has_unit);
     return {grads.dx, grads.da, grads.db};
@@ -228,15 +252,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
 
   std::vector<WorkItem> units, gemm_units;
   const int64_t gemm_rows = setting(Setting::kCpuBackwardGemmMinRows);
+  int64_t written_rows = 0;  // dx rows some unit writes (each unit writes all of its rows)
   for (int64_t s = 0; s < sizes.slots; ++s) {
     const int64_t count = offsets[s + 1] - offsets[s];
     if (count == 0 || lora.rank_of(s) == 0) continue;
     has_unit[s] = true;
+    written_rows += count;
     (count >= gemm_rows ? gemm_units : units).push_back({s, offsets[s], count});
+  }
+  // dx is zeroed only when some row has no adapter here (base rows, rank-0 slots): a training
+  // batch whose rows all train skips a pass over rows x d_in.
+  if (output_mask[0]) {
+    grads.dx = written_rows == sizes.rows ? at::empty({sizes.rows, sizes.d_in}, x.options())
+                                          : at::zeros({sizes.rows, sizes.d_in}, x.options());
   }
   zero_unwritten(call, has_unit);
   if (!gemm_units.empty()) count_path(KernelPath::kCpuGemmSegments);
-  for (const WorkItem& unit : gemm_units) run_gemm_unit(call, plan_order, unit);
+  const GemmGroups groups = group_gemm_work(lora, gemm_units);
+  if (!groups.batched.empty()) count_path(KernelPath::kCpuGemmBatched);
+  for (const std::vector<WorkItem>& group : groups.batched) run_gemm_group(call, plan_order, group);
+  for (const WorkItem& unit : groups.single) run_gemm_unit(call, plan_order, unit);
   if (units.empty()) return {grads.dx, grads.da, grads.db};
   count_path(choose_item_kernels(x.scalar_type(), item_args(lora, plan_order.data_ptr<int32_t>(), units[0])).path);
   const int32_t* order = plan_order.data_ptr<int32_t>();

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/gemm_groups.h"
 #include "cpu/item_kernels.h"
 #include "cpu/work.h"
 #include "lora_args.h"
@@ -88,6 +89,29 @@ void run_gemm_segment(const LoraCall& call, const at::Tensor& plan_order, const 
     call.out.index_add_(0, rows, delta);
   } else {
     call.out.index_copy_(0, rows, delta);
+  }
+}
+
+// Two or more slots with the same row count and rank: out[rows of slot s] (+)= (scale_s x A_s^T) B_s^T
+// for all of them in two batched GEMMs. u is rounded to the dtype once more than on the one-slot
+// path (its scale is applied to u, since a batched GEMM has one alpha for all slots).
+void run_gemm_group(const LoraCall& call, const at::Tensor& plan_order, const std::vector<WorkItem>& group) {
+  const int64_t rank = call.rank_of(group[0].slot);
+  const at::Tensor a = slot_parts(call.lora_a, group, 1, rank);                   // (S, rank, d_in)
+  const at::Tensor b_t = slot_parts(call.lora_b.transpose(1, 2), group, 1, rank);  // (S, rank, d_out)
+  const GroupRows rows = group_rows(plan_order, group);
+  const at::Tensor u = at::bmm(rows.of(call.x), a.transpose(1, 2)).mul_(group_scales(call, group));
+  if (rows.first >= 0) {  // beta = 0: out's old contents are not read
+    call.out.narrow(0, rows.first, rows.slots * rows.count)
+        .view({rows.slots, rows.count, call.sizes.d_out})
+        .baddbmm_(u, b_t, /*beta=*/call.accumulate ? 1 : 0);
+    return;
+  }
+  const at::Tensor delta = at::bmm(u, b_t).view({-1, call.sizes.d_out});
+  if (call.accumulate) {
+    call.out.index_add_(0, rows.index, delta);
+  } else {
+    call.out.index_copy_(0, rows.index, delta);
   }
 }
 
@@ -235,7 +259,10 @@ at::Tensor plan_for(const at::Tensor& slot_ids, const c10::optional<at::Tensor>&
 void run_work(const LoraCall& call, const at::Tensor& plan, const PlanLayout& layout, const Work& work) {
   const at::Tensor plan_order = plan.narrow(0, layout.order(), call.sizes.rows);
   if (!work.gemm_segments.empty()) count_path(KernelPath::kCpuGemmSegments);
-  for (const WorkItem& seg : work.gemm_segments) run_gemm_segment(call, plan_order, seg);
+  const GemmGroups groups = group_gemm_work(call, work.gemm_segments);
+  if (!groups.batched.empty()) count_path(KernelPath::kCpuGemmBatched);
+  for (const std::vector<WorkItem>& group : groups.batched) run_gemm_group(call, plan_order, group);
+  for (const WorkItem& seg : groups.single) run_gemm_segment(call, plan_order, seg);
   if (!work.items.empty()) run_items(call, plan_order.data_ptr<int32_t>(), work.items);
 }
 

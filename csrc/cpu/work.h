@@ -76,6 +76,8 @@ ItemArgs item_args(const LoraCall& call, const int32_t* order, const WorkItem& i
 
 // out[rows] (+)= scale * (x[rows] @ A[:rank]^T) @ B[:, :rank]^T as two ATen GEMMs.
 void run_gemm_segment(const LoraCall& call, const at::Tensor& plan_order, const WorkItem& seg);
+// The same for two or more slots with equal row counts and ranks as batched GEMMs (gemm_groups.h).
+void run_gemm_group(const LoraCall& call, const at::Tensor& plan_order, const std::vector<WorkItem>& group);
 // Whole items [begin, end) of `args` on the calling thread: four at a time where kernels.quad
 // exists and quad_fits (grouped by rank), the rest one by one. xs: the float32 rows (when
 // kernels.rows_to_float exists) at xs_offset[i]; u: room for each item's count x rank at u_offset[i].

@@ -56,6 +56,12 @@ def workload(args):
     return ids, names, config
 
 
+def adamw(params):
+    """Every scenario's optimizer: AdamW with its fused kernel (one pass over all parameters; the
+    default per-tensor loop on CPU took 58 ms for the 8 adapters' 448 tensors here, fused 9 ms)."""
+    return torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+
 def fresh_model():
     from lora_ext.bench.synthetic import build_default_model
 
@@ -82,7 +88,7 @@ def lora_ext_step(ids, names, config):
     g = torch.Generator().manual_seed(1)
     for name in names:
         mm.add_adapter(name, config, generator=g)
-    opt = torch.optim.AdamW([p for name in names for p in mm.adapter_parameters(name)], lr=1e-4)
+    opt = adamw([p for name in names for p in mm.adapter_parameters(name)])
     mm.train()
 
     def step():
@@ -96,7 +102,7 @@ def peft_one_step(ids, names, config):
     import peft
 
     model = peft.get_peft_model(fresh_model(), peft.LoraConfig(**config)).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = adamw([p for p in model.parameters() if p.requires_grad])
 
     def step():
         causal_loss(model(input_ids=ids).logits, ids).backward()
@@ -115,7 +121,7 @@ def peft_many_step(ids, names, config):
     opts = {}
     for name in names:
         model.set_adapter(name)
-        opts[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        opts[name] = adamw([p for p in model.parameters() if p.requires_grad])
 
     def step():
         for i, name in enumerate(names):

@@ -95,10 +95,17 @@ class LoraLayer(torch.nn.Module):
 
     def _train_forward(self, batch, base, x, args, kwargs):
         """base(x) plus each row's delta through autograd: the batch's adapters stacked from their
-        leaves (float32), the LoRA input dropped per row; the sum rounded once to the base's dtype."""
-        out = base(x, *args, **kwargs)
+        leaves (float32), the LoRA input dropped per row; the sum rounded once to the base's dtype.
+        Without dropout, a float32 nn.Linear base runs inside linear_lora: no separate sum forward,
+        and its backward adds dy @ W into the LoRA's dx in one GEMM."""
         slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
         lora_a, lora_b, scales, ranks = batch.stacks(self)
+        if batch.dropout is None and not args and not kwargs and self._base_runs_in_op(base, x.dtype, lora_a.dtype):
+            params = base._parameters
+            out = ops.linear_lora(x.reshape(-1, self.in_features), params["weight"], params["bias"], lora_a, lora_b,
+                                  slot_ids, scales, ranks, plan)
+            return out.view(*x.shape[:-1], self.out_features)
+        out = base(x, *args, **kwargs)
         rows = batch.drop(x.reshape(-1, self.in_features), slot_ids).to(lora_a.dtype)
         delta = ops.lora_delta(rows, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return (out.to(delta.dtype) + delta.view(*out.shape[:-1], self.out_features)).to(out.dtype)

@@ -47,8 +47,9 @@ class TrainBatch(BatchRows):
                 continue
             a, b_t = (e.lora_a, e.lora_b.T) if hasattr(e, "lora_b") else (e.lora_a, e.lora_b_t)
             pad = max_rank - e.rank
-            a_rows.append(F.pad(a.to(device=self.device, dtype=ADAPTER_DTYPE), (0, 0, 0, pad)))
-            b_rows.append(F.pad(b_t.to(device=self.device, dtype=ADAPTER_DTYPE), (0, 0, 0, pad)))
+            a, b_t = a.to(device=self.device, dtype=ADAPTER_DTYPE), b_t.to(device=self.device, dtype=ADAPTER_DTYPE)
+            a_rows.append(F.pad(a, (0, 0, 0, pad)) if pad else a)
+            b_rows.append(F.pad(b_t, (0, 0, 0, pad)) if pad else b_t)
             scales.append(e.scaling)
             ranks.append(e.rank)
         return (torch.stack(a_rows), torch.stack(b_rows).transpose(1, 2),
