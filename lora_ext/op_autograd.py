@@ -99,4 +99,7 @@ def register():
 
     @torch.library.register_fake("lora_ext::lora_backward")
     def _lora_backward_fake(grad_out, x, lora_a, lora_b, slot_ids, scales, ranks, plan, output_mask):
-        return tuple(t.new_empty(t.shape) if need else None for t, need in zip((x, lora_a, lora_b), output_mask))
+        # as the kernels allocate them: dx contiguous, dA and dB with their weights' strides (a
+        # rank-major lora_b's gradient is rank-major too)
+        made = (x.new_empty(x.shape), torch.empty_like(lora_a), torch.empty_like(lora_b))
+        return tuple(t if need else None for t, need in zip(made, output_mask))

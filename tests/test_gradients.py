@@ -253,8 +253,9 @@ def test_float32_kernels_against_finite_differences():
         assert abs(float(numeric - analytic)) <= 1e-2 * abs(float(analytic)) + 1e-4, (i, numeric, analytic)
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    inputs = make_inputs(12, 32, 48, 4, 8, torch.float32, "cpu", "with_none")
+@pytest.mark.parametrize("b_layout", ["peft", "rank_major"])  # rank-major: dB keeps lora_b's strides
+def test_torch_compile_fullgraph_forward_and_backward(b_layout):
+    inputs = make_inputs(12, 32, 48, 4, 8, torch.float32, "cpu", "with_none", b_layout=b_layout)
     weight = torch.randn(48, 32)
 
     @torch.compile(fullgraph=True)

@@ -65,7 +65,9 @@ def init_weights(init, rank, d_in, d_out, generator=None):
 
 
 def leaf(tensor, device):
-    return tensor.detach().to(device=device, dtype=ADAPTER_DTYPE).clone().requires_grad_()
+    """A float32 copy as an nn.Parameter: a leaf that requires grad, and one that a module can
+    register as it is (lora_ext.TrainerModule), so optimizers built either way update the same."""
+    return torch.nn.Parameter(tensor.detach().to(device=device, dtype=ADAPTER_DTYPE).clone())
 
 
 def new_adapter(name, config, modules, layers, max_rank, generator=None):
