@@ -59,6 +59,7 @@ class MultiLoraModel(TrainingMixin):
         self._merged = None
         self._merge_backup = {}
         self._patched = True
+        self._compiled = False  # compile() was called
 
     # ---- adapters ------------------------------------------------------------------------------
 
@@ -117,10 +118,21 @@ class MultiLoraModel(TrainingMixin):
             self.recompute_batch = None
             return self.model(*args, **kwargs)
         names = self._row_names(adapter_names, self._batch_size(args, kwargs))
-        batch = TrainBatch(self, names, self.store, self._device())
+        fixed = (self.max_adapters, self.max_rank, list(self.layers.values())) if self._compiled else None
+        batch = TrainBatch(self, names, self.store, self._device(), fixed_shape=fixed)
         self.recompute_batch = batch  # layers recomputed during backward see the same rows
         with active_batch(batch):
             return self.model(*args, **kwargs)
+
+    def compile(self, **kwargs):
+        """Compiles the wrapped model in place with torch.compile (nn.Module.compile; kwargs go to
+        torch.compile). Training batches then give the compiled graph every layer's adapter
+        weights already stacked in one shape (max_adapters x max_rank), so a new mix of adapters
+        in a batch does not recompile it. Returns self."""
+        self._check_patched()
+        self.model.compile(**kwargs)
+        self._compiled = True
+        return self
 
     def generate(self, *args, adapter_names=None, **kwargs):
         """model.generate with one adapter per input row; beams and returned sequences of a row use

@@ -18,25 +18,46 @@ from lora_ext.model.batch import BatchRows
 class TrainBatch(BatchRows):
     training = True
 
-    def __init__(self, owner, names, store, device):
-        """names: each row's adapter name, or None for the base model alone."""
+    def __init__(self, owner, names, store, device, fixed_shape=None):
+        """names: each row's adapter name, or None for the base model alone. fixed_shape: (slots,
+        rank, layers) for a compiled model: every layer's stacks are built here, before the model
+        runs, all (slots, rank, ...) whatever the batch's adapters, so a compiled graph sees the
+        same shapes (and no Python branching on adapters) for every adapter mix."""
         self.adapters = list(dict.fromkeys(n for n in names if n is not None))
+        slots = fixed_shape[0] if fixed_shape is not None else max(len(self.adapters), 1)
+        if len(self.adapters) > slots:
+            raise ValueError(f"lora_ext: a compiled training batch takes at most max_adapters={slots} adapters, "
+                             f"this one has {len(self.adapters)}: {self.adapters}")
         index = {n: i for i, n in enumerate(self.adapters)}
         row_slots = torch.tensor([index[n] if n is not None else -1 for n in names], dtype=torch.long, device=device)
-        super().__init__(owner, row_slots, max(len(self.adapters), 1), any_adapter=bool(self.adapters))
+        super().__init__(owner, row_slots, slots, any_adapter=bool(self.adapters))
         # each adapter's weights: a TrainableAdapter (leaves) or the frozen one's AdapterSlotWeights
         self.sources = [store.trainable(n) or store.slot_weights(n) for n in self.adapters]
         dropout = [getattr(src, "dropout", 0.0) for src in self.sources]
+        dropout += [0.0] * (slots - len(dropout))
         self.dropout = torch.tensor(dropout, device=device) if any(dropout) else None
         self.device = device
+        self.fixed = None
+        if fixed_shape is not None:
+            rank, layers = fixed_shape[1:]
+            self.fixed = {layer.module_name: self._stack(layer, slots, rank, fixed=True) for layer in layers}
 
     def stacks(self, layer):
         """(lora_a (S, R, d_in), lora_b (S, d_out, R) as a rank-major view, scales (S,), ranks (S,))
         for `layer`, S the batch's adapters, R the largest rank among them here; float32, built
         from the leaves (so they take part in autograd). Built for every call, never kept: under
-        gradient checkpointing the recomputed forward needs its own graph."""
+        gradient checkpointing the recomputed forward needs its own graph. (A compiled model's
+        batch has them built already, in its fixed shape.)"""
+        if self.fixed is not None:
+            return self.fixed[layer.module_name]
+        ranks = [e.rank for e in (src.modules.get(layer.module_name) for src in self.sources) if e is not None]
+        return self._stack(layer, len(self.sources), max([1] + ranks))
+
+    def _stack(self, layer, slots, max_rank, fixed=False):
+        """The stacks of `layer` with `slots` entries of `max_rank` rows: the batch's adapters
+        first, then zeros of rank 0 (no leaf: they get no gradient). fixed: for a compiled model."""
         entries = [src.modules.get(layer.module_name) for src in self.sources]
-        max_rank = max([1] + [e.rank for e in entries if e is not None])
+        entries += [None] * (slots - len(entries))
         a_rows, b_rows, scales, ranks = [], [], [], []
         for e in entries:
             if e is None:  # this adapter does not target the layer: rank 0 adds nothing
@@ -52,7 +73,12 @@ class TrainBatch(BatchRows):
             b_rows.append(F.pad(b_t, (0, 0, 0, pad)) if pad else b_t)
             scales.append(e.scaling)
             ranks.append(e.rank)
-        return (torch.stack(a_rows), torch.stack(b_rows).transpose(1, 2),
+        a, b = torch.stack(a_rows), torch.stack(b_rows)
+        if fixed:
+            # the same requires_grad whichever adapters the batch has, or the graph recompiles: a
+            # layer that none of them targets takes a gradient that goes nowhere
+            a, b = (t if t.requires_grad else t.requires_grad_() for t in (a, b))
+        return (a, b.transpose(1, 2),
                 torch.tensor(scales, dtype=torch.float32, device=self.device),
                 torch.tensor(ranks, dtype=torch.int32, device=self.device))
 
