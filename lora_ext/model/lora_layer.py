@@ -35,7 +35,7 @@ class LoraLayer(torch.nn.Module):
                              persistent=False)
         self._owner = owner
         self._base_is_linear = type(base_layer) is torch.nn.Linear
-        self._op_args = None
+        self._cache_op_args()
 
     @property
     def lora_b(self):
@@ -78,7 +78,7 @@ class LoraLayer(torch.nn.Module):
             return self._train_forward(batch, base, x, args, kwargs)
         slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
         rows = x.reshape(-1, self.in_features)
-        lora_a, lora_b, scales, ranks = self._op_args or self._cache_op_args()
+        lora_a, lora_b, scales, ranks = self._op_args
         if not args and not kwargs and self._base_runs_in_op(base, rows.dtype, lora_a.dtype):
             params = base._parameters
             out = ops.linear_lora(rows, params["weight"], params["bias"], lora_a, lora_b, slot_ids, scales, ranks,
@@ -111,17 +111,17 @@ class LoraLayer(torch.nn.Module):
         return (out.to(delta.dtype) + delta.view(*out.shape[:-1], self.out_features)).to(out.dtype)
 
     def _cache_op_args(self):
-        """(lora_a, lora_b, scales, ranks) as the ops take them, kept until _apply replaces buffers."""
+        """(lora_a, lora_b, scales, ranks) as the ops take them, kept until _apply replaces buffers
+        (always set: a compiled model would otherwise guard on whether it is, and recompile)."""
         self._op_args = (self.lora_a, self.lora_b, self.scales, self.ranks)
-        return self._op_args
 
     def _apply(self, fn, *args, **kwargs):
-        """.to(), .cuda(), .half(), ... replace the buffers: drop the cached op arguments, and keep
+        """.to(), .cuda(), .half(), ... replace the buffers: cache the new op arguments, and keep
         the scales float32 (the ops take them so; a cast would round rsLoRA's scalings)."""
         scales = self.scales
-        self._op_args = None
         result = super()._apply(fn, *args, **kwargs)
         self._buffers["scales"] = scales.to(device=self.lora_a.device)
+        self._cache_op_args()
         return result
 
     def _base_runs_in_op(self, base, x_dtype, lora_dtype):
