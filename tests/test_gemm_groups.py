@@ -25,8 +25,9 @@ LAYOUTS = {
 }
 
 
-def inputs_for(layout, dtype, shuffled, d_in=67, d_out=130, seed=0):
-    """Op inputs with the layout's slots and ranks; NaN beyond each slot's rank (never read)."""
+def inputs_for(layout, dtype, shuffled, d_in=67, d_out=130, seed=0, b_layout="rank_major"):
+    """Op inputs with the layout's slots and ranks; NaN beyond each slot's rank (never read);
+    lora_b as a view of rank-major storage (the model's) or contiguous (S, d_out, R) (PEFT's)."""
     slots_of_rows, ranks = LAYOUTS[layout]
     g = torch.Generator().manual_seed(seed)
     ids = torch.tensor(slots_of_rows)
@@ -38,8 +39,9 @@ def inputs_for(layout, dtype, shuffled, d_in=67, d_out=130, seed=0):
     for slot, rank in enumerate(ranks):
         lora_a[slot, rank:] = float("nan")
         lora_b[slot, rank:] = float("nan")
+    lora_b = lora_b.to(dtype).transpose(1, 2)
     return dict(x=torch.randn(len(ids), d_in, generator=g).to(dtype), lora_a=lora_a.to(dtype),
-                lora_b=lora_b.to(dtype).transpose(1, 2), slot_ids=ids,
+                lora_b=lora_b.contiguous() if b_layout == "peft" else lora_b, slot_ids=ids,
                 scales=torch.rand(slots, generator=g) * 2 + 0.1, ranks=torch.tensor(ranks, dtype=torch.int32))
 
 
@@ -47,11 +49,12 @@ def args(inputs):
     return [inputs[k] for k in ("x", "lora_a", "lora_b", "slot_ids", "scales", "ranks")]
 
 
+@pytest.mark.parametrize("b_layout", ["rank_major", "peft"])
 @pytest.mark.parametrize("shuffled", [False, True], ids=["rows_in_runs", "rows_scattered"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_forward_of_batched_groups(dtype, layout, shuffled):
-    inputs = inputs_for(layout, dtype, shuffled)
+def test_forward_of_batched_groups(dtype, layout, shuffled, b_layout):
+    inputs = inputs_for(layout, dtype, shuffled, b_layout=b_layout)
     with kernel_config.configured(**GEMM_FROM_8_ROWS), kernel_config.paths_taken() as taken:
         delta = ops.lora_delta(*args(inputs))
         before = torch.randn(delta.shape).to(dtype)
@@ -62,12 +65,13 @@ def test_forward_of_batched_groups(dtype, layout, shuffled):
     check_add_lora(out, before, inputs, f"add_lora_ {layout}")
 
 
+@pytest.mark.parametrize("b_layout", ["rank_major", "peft"])
 @pytest.mark.parametrize("op", ["lora_delta", "add_lora_", "linear_lora"])
 @pytest.mark.parametrize("shuffled", [False, True], ids=["rows_in_runs", "rows_scattered"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_gradients_of_batched_groups(dtype, layout, shuffled, op):
-    inputs = inputs_for(layout, dtype, shuffled)
+def test_gradients_of_batched_groups(dtype, layout, shuffled, op, b_layout):
+    inputs = inputs_for(layout, dtype, shuffled, b_layout=b_layout)
     weight, bias = base_layer(67, 130, dtype)
     with kernel_config.configured(**GEMM_FROM_8_ROWS, cpu_fused_linear=False), \
             kernel_config.paths_taken() as taken:
