@@ -35,8 +35,8 @@ enum class KernelPath : int {
   kCpuItemsPortable,    // CPU item kernels, portable C++
   kCpuItemsQuad,        // a thread ran decode items four at a time
   kCpuItemsSplit,       // items split over threads (fewer items than threads)
-  kCpuGemmSegments,     // slots with many rows as two ATen GEMMs
-  kCpuGemmBatched,      // ... several of them with equal row counts and ranks as batched GEMMs
+  kCpuGemmSegments,     // slots with many rows through ATen GEMMs (one by one or batched)
+  kCpuGemmBatched,      // ... of them, slots with equal row counts and ranks as batched GEMMs
   kCpuLinearFused,      // linear_lora: lora_ext's GEMM and the items in one parallel region
   kCpuLinearUnfused,    // linear_lora: ATen's linear, then the deltas
   kCudaSimt,            // CUDA cores (decode kernels)

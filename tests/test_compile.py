@@ -57,3 +57,18 @@ def test_compiled_serving_does_not_recompile_when_the_mix_changes():
         base = ["__base__"] * 4
         torch.testing.assert_close(compiled(input_ids=ids, adapter_names=base).logits, eager.model(input_ids=ids).logits)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_compiled_training_with_a_dropout_adapter_keeps_one_graph():
+    """Mixes with and without the adapter that has dropout take the same path once compiled."""
+    torch._dynamo.reset()
+    counters.clear()
+    adapters = {**ADAPTERS, "drop": dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.3,
+                                         init_lora_weights=False)}
+    mm = patched(adapters=adapters).compile()
+    mm.train()
+    ids = batch()
+    for names in (ROWS, ["drop", "sql", "drop", "chat", "__base__", "sql"], ["code"] * 6):
+        per_adapter_loss(mm(input_ids=ids, adapter_names=names).logits, ids, names)[0].backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert all(p.grad is not None for p in mm.adapter_parameters("drop"))

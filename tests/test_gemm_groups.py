@@ -22,10 +22,12 @@ LAYOUTS = {
     "one_group": ([0] * 12 + [1] * 12 + [2] * 12 + [3] * 12, [16, 16, 16, 16, 16, 16]),
     # slots 1, 3, 4 (rank 5) and 0, 2 (rank 1) in two groups, slot 5 alone (9 rows), base rows
     "two_groups": ([1] * 10 + [3] * 10 + [4] * 10 + [0] * 9 + [2] * 9 + [5] * 11 + [-1] * 7, [1, 5, 1, 5, 5, 16]),
+    # one run of rows per slot, but not in slot order (gathered, not viewed)
+    "runs_out_of_order": ([3] * 12 + [0] * 12 + [2] * 12 + [1] * 12, [16, 16, 16, 16, 16, 16]),
 }
 
 
-def inputs_for(layout, dtype, shuffled, d_in=67, d_out=130, seed=0, b_layout="rank_major"):
+def inputs_for(layout, dtype, shuffled, d_in=67, d_out=130, seed=0, b_layout="rank_major", x_layout="contiguous"):
     """Op inputs with the layout's slots and ranks; NaN beyond each slot's rank (never read);
     lora_b as a view of rank-major storage (the model's) or contiguous (S, d_out, R) (PEFT's)."""
     slots_of_rows, ranks = LAYOUTS[layout]
@@ -40,7 +42,9 @@ def inputs_for(layout, dtype, shuffled, d_in=67, d_out=130, seed=0, b_layout="ra
         lora_a[slot, rank:] = float("nan")
         lora_b[slot, rank:] = float("nan")
     lora_b = lora_b.to(dtype).transpose(1, 2)
-    return dict(x=torch.randn(len(ids), d_in, generator=g).to(dtype), lora_a=lora_a.to(dtype),
+    x = torch.randn(len(ids), d_in, generator=g).to(dtype)
+    x = x.t().contiguous().t() if x_layout == "transposed" else x
+    return dict(x=x, lora_a=lora_a.to(dtype),
                 lora_b=lora_b.contiguous() if b_layout == "peft" else lora_b, slot_ids=ids,
                 scales=torch.rand(slots, generator=g) * 2 + 0.1, ranks=torch.tensor(ranks, dtype=torch.int32))
 
@@ -49,16 +53,17 @@ def args(inputs):
     return [inputs[k] for k in ("x", "lora_a", "lora_b", "slot_ids", "scales", "ranks")]
 
 
+@pytest.mark.parametrize("x_layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("b_layout", ["rank_major", "peft"])
 @pytest.mark.parametrize("shuffled", [False, True], ids=["rows_in_runs", "rows_scattered"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-def test_forward_of_batched_groups(dtype, layout, shuffled, b_layout):
-    inputs = inputs_for(layout, dtype, shuffled, b_layout=b_layout)
+def test_forward_of_batched_groups(dtype, layout, shuffled, b_layout, x_layout):
+    inputs = inputs_for(layout, dtype, shuffled, b_layout=b_layout, x_layout=x_layout)
     with kernel_config.configured(**GEMM_FROM_8_ROWS), kernel_config.paths_taken() as taken:
         delta = ops.lora_delta(*args(inputs))
         before = torch.randn(delta.shape).to(dtype)
-        out = before.clone()
+        out = before.t().contiguous().t() if x_layout == "transposed" else before.clone()  # a strided out too
         ops.add_lora_(out, *args(inputs))
     assert taken.get("cpu_gemm_batched", 0) == 2, taken
     check_lora_delta(delta, inputs, f"lora_delta {layout}")
@@ -98,9 +103,12 @@ def test_a_nan_row_stays_in_its_slot():
     x[5] = float("nan")  # a row of slot 0
     x.requires_grad_()
     a = inputs["lora_a"].clone().requires_grad_()
+    b = inputs["lora_b"].clone().requires_grad_()
     with kernel_config.configured(**GEMM_FROM_8_ROWS):
-        out = ops.lora_delta(x, a, inputs["lora_b"], inputs["slot_ids"], inputs["scales"], inputs["ranks"])
+        out = ops.lora_delta(x, a, b, inputs["slot_ids"], inputs["scales"], inputs["ranks"])
         out.backward(torch.ones_like(out))
     bad_rows = out.isnan().any(1).nonzero().flatten().tolist()
-    assert bad_rows == [5], bad_rows
-    assert a.grad[0].isnan().any() and not a.grad[1:4].isnan().any()
+    assert bad_rows == [5], f"output rows with NaN: {bad_rows}"
+    assert not x.grad.isnan().any(), "dx does not depend on x; no row of it may be NaN"
+    for name, grad in (("dA", a.grad), ("dB", b.grad)):
+        assert grad[0].isnan().any() and not grad[1:4].isnan().any(), f"{name}: NaN beyond slot 0"

@@ -63,3 +63,13 @@ def test_bad_adapter_ids_and_names_are_refused():
         lora_ext.TrainerModule(mm, ["sql", "nope"])
     with pytest.raises(lora_ext.AdapterError, match="repeat"):
         lora_ext.TrainerModule(mm, ["sql", "sql"])
+
+
+def test_a_batch_of_base_rows_only_trains_nothing():
+    """Trainer calls backward on every batch's loss: one with only base rows must allow it and
+    leave every adapter without a gradient."""
+    mm = patched()
+    module = lora_ext.TrainerModule(mm, NAMES).train()
+    ids = batch(rows=2)
+    module(input_ids=ids, labels=ids, adapter_ids=torch.tensor([-1, -1])).loss.backward()
+    assert all(p.grad is None for p in module.parameters())

@@ -6,7 +6,8 @@
 // shrink that recomputes u reads it just before, so A_s comes from DRAM once.
 //
 // A slot is one work unit: its sums over rows stay in one thread, in row order, so results do not
-// depend on the thread count. Slots with many rows (cpu_gemm_min_rows) run as ATen GEMMs. Each
+// depend on the thread count. Slots with many rows (cpu_backward_gemm_min_rows) run as ATen GEMMs,
+// batched when several have equal row counts and ranks (gemm_groups.h). Each
 // slot reads only its own rows: a NaN in one row's dy or x reaches only that row's dx and that
 // slot's dA and dB. Gradient rows beyond a slot's rank, slots without rows, and dx rows without an
 // adapter are exactly zero.
@@ -198,8 +199,10 @@ void run_gemm_group(const BackwardCall& c, const at::Tensor& plan_order, const s
   const at::Tensor a = slot_parts(c.lora_a, group, 1, rank);                   // (S, rank, d_in)
   const at::Tensor b_t = slot_parts(c.lora_b.transpose(1, 2), group, 1, rank);  // (S, rank, d_out)
   const GroupRows rows = group_rows(plan_order, group);
-  const at::Tensor xs = rows.of(c.x), dys = rows.of(c.dy);
-  const at::Tensor v = at::bmm(dys, b_t.transpose(1, 2)).mul_(scales);  // (S, count, rank), scaled
+  const bool need_v = c.grads.dx.defined() || c.grads.da.defined();
+  const at::Tensor dys = rows.of(c.dy);
+  const at::Tensor xs = c.grads.da.defined() || c.grads.db.defined() ? rows.of(c.x) : at::Tensor();
+  const at::Tensor v = need_v ? at::bmm(dys, b_t.transpose(1, 2)).mul_(scales) : at::Tensor();  // scaled
   if (c.grads.dx.defined() && rows.first >= 0) {
     at::Tensor dx_rows = c.grads.dx.narrow(0, rows.first, rows.slots * rows.count).view({rows.slots, rows.count, -1});
     at::bmm_out(dx_rows, v, a);

@@ -101,7 +101,7 @@ void run_gemm_group(const LoraCall& call, const at::Tensor& plan_order, const st
   const at::Tensor b_t = slot_parts(call.lora_b.transpose(1, 2), group, 1, rank);  // (S, rank, d_out)
   const GroupRows rows = group_rows(plan_order, group);
   const at::Tensor u = at::bmm(rows.of(call.x), a.transpose(1, 2)).mul_(group_scales(call, group));
-  if (rows.first >= 0) {  // beta = 0: out's old contents are not read
+  if (rows.first >= 0) {  // in place; with beta = 0 (lora_delta) out's old contents are not read
     call.out.narrow(0, rows.first, rows.slots * rows.count)
         .view({rows.slots, rows.count, call.sizes.d_out})
         .baddbmm_(u, b_t, /*beta=*/call.accumulate ? 1 : 0);

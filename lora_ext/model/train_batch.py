@@ -3,7 +3,8 @@ stacked as the ops take them, built from the trainable adapters' leaves so that 
 each row's gradient to its own adapter (and an adapter with no row gets none), plus each row's
 LoRA dropout.
 
-Only the batch's adapters are stacked, padded to the largest rank this layer sees in the batch;
+Only the batch's adapters are stacked, padded to the largest rank this layer sees in the batch (a
+compiled model's: max_adapters x max_rank for every batch, mm.compile());
 frozen (served) adapters may share a training batch and get no gradient. The stacks are float32
 (trainable adapters are float32 whatever the base model's dtype, as PEFT trains them).
 """
@@ -35,11 +36,18 @@ class TrainBatch(BatchRows):
         self.sources = [store.trainable(n) or store.slot_weights(n) for n in self.adapters]
         dropout = [getattr(src, "dropout", 0.0) for src in self.sources]
         dropout += [0.0] * (slots - len(dropout))
-        self.dropout = torch.tensor(dropout, device=device) if any(dropout) else None
+        # with dropout the layers take another path; a compiled model's takes the same one for
+        # every mix (the one any of the trainable adapters needs), or the graph would recompile
+        with_dropout = any(dropout) if fixed_shape is None else any(
+            store.trainable(n).dropout for n in store.trainable_names())
+        self.dropout = torch.tensor(dropout, device=device) if with_dropout else None
         self.device = device
         self.fixed = None
         if fixed_shape is not None:
             rank, layers = fixed_shape[1:]
+            # zero stacks of layers no adapter of the batch targets hang off this one scalar, so
+            # they require grad like the others without each getting a .grad of its own
+            self.anchor = torch.zeros((), device=device, requires_grad=True)
             self.fixed = {layer.module_name: self._stack(layer, slots, rank, fixed=True) for layer in layers}
 
     def stacks(self, layer):
@@ -47,7 +55,8 @@ class TrainBatch(BatchRows):
         for `layer`, S the batch's adapters, R the largest rank among them here; float32, built
         from the leaves (so they take part in autograd). Built for every call, never kept: under
         gradient checkpointing the recomputed forward needs its own graph. (A compiled model's
-        batch has them built already, in its fixed shape.)"""
+        batch builds every layer's before the model runs, in its fixed shape, and keeps them for
+        the step: recomputation then reuses them, which non-reentrant checkpointing supports.)"""
         if self.fixed is not None:
             return self.fixed[layer.module_name]
         ranks = [e.rank for e in (src.modules.get(layer.module_name) for src in self.sources) if e is not None]
@@ -76,8 +85,8 @@ class TrainBatch(BatchRows):
         a, b = torch.stack(a_rows), torch.stack(b_rows)
         if fixed:
             # the same requires_grad whichever adapters the batch has, or the graph recompiles: a
-            # layer that none of them targets takes a gradient that goes nowhere
-            a, b = (t if t.requires_grad else t.requires_grad_() for t in (a, b))
+            # layer that none of them targets takes a gradient that ends in the anchor
+            a, b = (t if t.requires_grad else t + self.anchor for t in (a, b))
         return (a, b.transpose(1, 2),
                 torch.tensor(scales, dtype=torch.float32, device=self.device),
                 torch.tensor(ranks, dtype=torch.int32, device=self.device))

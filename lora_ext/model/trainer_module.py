@@ -11,13 +11,13 @@ each batch row names its adapter by index; the loss is lora_ext.losses.per_adapt
     mm.eval(); mm.save_adapter("sql", "out/sql")
 
 Trainer then does what it does for any module: the optimizer over module.parameters() (the
-adapters' leaves), scheduling, clipping, accumulation, logging. What it saves itself is this
-module's state dict (the adapters' weights, keys "<adapter>/<module>/lora_A"); PEFT directories
-come from mm.save_adapter. The base model's own features (generation, checkpointing) stay on mm.
+adapters' leaves), scheduling, clipping, accumulation, logging; its model.to(device) moves the
+patched model too. What it saves itself is this module's state dict (keys
+"weights.<adapter>/<module, ':' for '.'>/lora_A"); PEFT directories come from mm.save_adapter. The
+base model's own features (generation, checkpointing) stay on mm.
 """
 
 import torch
-from transformers.modeling_outputs import CausalLMOutput
 
 from lora_ext.adapters.config import AdapterError
 from lora_ext.losses import per_adapter_loss
@@ -57,10 +57,22 @@ class TrainerModule(torch.nn.Module):
         batch's adapters of each one's mean token loss over its rows (labels -100: no loss)."""
         if adapter_ids is None:
             raise ValueError("lora_ext TrainerModule: each batch needs adapter_ids (one per row)")
+        from transformers.modeling_outputs import CausalLMOutput  # (transformers is optional for lora_ext)
+
         names = [self._name(int(i)) for i in adapter_ids.tolist()]
         logits = self.mm[0](input_ids=input_ids, attention_mask=attention_mask, adapter_names=names).logits
         loss = per_adapter_loss(logits, labels, names)[0] if labels is not None else None
+        if loss is not None and self.training and not loss.requires_grad:
+            # a batch of base rows only: nothing to train, but Trainer calls backward on the loss;
+            # a detached leaf lets it, and no adapter gets a gradient (absent adapters stay as they are)
+            loss = loss.detach().requires_grad_()
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to(device) and the like move the patched model with the adapters (the adapters'
+        parameters keep their identity: the optimizer and the store see the moved ones)."""
+        self.mm[0].model._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
 
     def _name(self, index):
         if index == BASE_ROW:
