@@ -171,6 +171,12 @@ except Exception:
 
 if not inside(lora_ext.__file__, venv):
     problems.append(f"lora_ext imported from {lora_ext.__file__}, not from the fresh environment {venv}")
+# transformers and peft are optional (extras): the package must import without them
+import subprocess
+bare = subprocess.run([sys.executable, "-c", "import sys; sys.modules['transformers'] = sys.modules['peft'] = None; "
+                       "import lora_ext, lora_ext.ops, lora_ext.adapters"], capture_output=True, text=True)
+if bare.returncode != 0:
+    problems.append(f"import lora_ext needs transformers or peft, which are optional:\n{bare.stderr}")
 if inside(lora_ext.__file__, root):
     problems.append(f"lora_ext imported from the source tree: {lora_ext.__file__}")
 
