@@ -1,11 +1,14 @@
 """torch.compile of a patched model (mm.compile()): one graph for every adapter mix, in training
 and in serving (slots reloaded underneath it included), with the eager model's results."""
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import lora_ext
 from lora_ext.losses import per_adapter_loss
 from test_training import ADAPTERS, ROWS, batch, patched
+from tiny_models import build_model
 
 
 def test_compiled_training_step_does_not_recompile_when_the_mix_changes():
@@ -72,3 +75,33 @@ def test_compiled_training_with_a_dropout_adapter_keeps_one_graph():
         per_adapter_loss(mm(input_ids=ids, adapter_names=names).logits, ids, names)[0].backward()
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert all(p.grad is not None for p in mm.adapter_parameters("drop"))
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_replay_a_decode_step_with_new_adapter_names():
+    """mm.compile(mode="reduce-overhead") captures the patched model's forward in CUDA graphs
+    (inductor's CUDA graph trees): the batch's row slots are a graph input copied into its static
+    buffer at each replay, the adapters' weights live in the slot buffers the graph reads, so new
+    adapter names (and slot reloads between replays) need neither a new graph nor a recapture.
+    Written without a GPU: it runs when one is lent (benchmarks/gpu_check.sh)."""
+    torch._dynamo.reset()
+    counters.clear()
+
+    def on_cuda():
+        mm = lora_ext.patch_model(build_model("llama").cuda(), max_adapters=2, max_rank=16)
+        g = torch.Generator().manual_seed(3)
+        for name, config in ADAPTERS.items():
+            mm.add_adapter(name, config, generator=g)
+        return mm.eval()
+    eager, compiled = on_cuda(), on_cuda().compile(mode="reduce-overhead")
+    ids = batch(rows=4).cuda()
+    mixes = [["sql", "chat", "sql", "__base__"], ["code", "code", "sql", "sql"], ["chat", "__base__", "code", "chat"],
+             ["sql", "chat", "chat", "__base__"]] * 2
+    with torch.no_grad():
+        for names in mixes:
+            want = eager(input_ids=ids, adapter_names=names).logits
+            got = compiled(input_ids=ids, adapter_names=names).logits.clone()
+            rel = float((got - want).norm() / want.norm())
+            assert rel < 1e-5, f"{names}: relative difference {rel:.2e}"
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
