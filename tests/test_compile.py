@@ -77,6 +77,23 @@ def test_compiled_training_with_a_dropout_adapter_keeps_one_graph():
     assert all(p.grad is not None for p in mm.adapter_parameters("drop"))
 
 
+def test_compiled_generate_gives_eager_tokens_without_recompiling_per_mix():
+    """Greedy decoding with a KV cache: the first mix compiles its graphs (prefill, then decode
+    with a growing cache); later mixes, with evictions through two slots, add none."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = patched(max_adapters=2), patched(max_adapters=2).compile()
+    ids = batch(rows=4)
+    mixes = [["sql", "chat", "sql", "__base__"], ["code", "code", "sql", "sql"], ["chat", "__base__", "code", "chat"]]
+    graphs = None
+    for names in mixes:
+        want = eager.generate(input_ids=ids, adapter_names=names, max_new_tokens=6, do_sample=False)
+        got = compiled.generate(input_ids=ids, adapter_names=names, max_new_tokens=6, do_sample=False)
+        assert torch.equal(got, want), names
+        graphs = graphs or counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+
+
 @pytest.mark.cuda
 def test_cuda_graphs_replay_a_decode_step_with_new_adapter_names():
     """mm.compile(mode="reduce-overhead") captures the patched model's forward in CUDA graphs
