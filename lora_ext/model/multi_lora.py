@@ -16,7 +16,7 @@ from lora_ext.adapters.peft_format import AdapterError
 from lora_ext.adapters.store import DEFAULT_SLOT_TIMEOUT, AdapterStore
 from lora_ext.model.batch import BatchRows, active_batch
 from lora_ext.model.lora_layer import LoraLayer
-from lora_ext.model.targets import find_target_modules
+from lora_ext.model.targets import find_target_modules, refuse_sharded_weights
 from lora_ext.model.train_batch import TrainBatch
 from lora_ext.model.training import TrainingMixin
 
@@ -46,7 +46,9 @@ class MultiLoraModel(TrainingMixin):
         self.max_rank = max_rank
         self.layers = {}
         self._originals = {}
-        for name in find_target_modules(model, target_modules):
+        targets = find_target_modules(model, target_modules)
+        refuse_sharded_weights(model, targets)
+        for name in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             base = getattr(parent, child)
