@@ -122,3 +122,13 @@ def test_cuda_graphs_replay_a_decode_step_with_new_adapter_names():
             assert rel < 1e-5, f"{names}: relative difference {rel:.2e}"
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
+
+
+def test_compiled_training_batch_with_more_adapters_than_slots_is_refused():
+    """A compiled model's batch stacks max_adapters entries: a training batch naming more adapters
+    is refused with a clear error before the model runs (eagerly it would train)."""
+    mm = patched(max_adapters=2).compile()
+    mm.train()
+    ids = batch(rows=3)
+    with pytest.raises(ValueError, match=r"at most max_adapters=2 adapters, this one has 3"):
+        mm(input_ids=ids, adapter_names=["sql", "chat", "code"])
