@@ -1,6 +1,7 @@
-"""Tensor-parallel models (transformers' tp_plan) are not supported yet: patch_model refuses them
-before changing anything, naming the module and its sharding, instead of failing mid-forward.
-Two real processes on gloo, as torchrun launches them."""
+"""Tensor-parallel models (transformers' tp_plan="auto", weights as DTensor shards): a patched
+model on 2 and 4 real processes (gloo, as torchrun launches them) gives the one-process logits,
+generations, merges, eviction and gradients; each rank keeps only its shard of every adapter;
+bad input is refused on every rank (tests/tp_worker.py runs the checks)."""
 
 import os
 import subprocess
@@ -9,17 +10,33 @@ import sys
 import pytest
 import torch
 
-from tiny_models import build_model
+from tiny_models import build_model, save_adapter, save_all_adapters
 
 pytest.importorskip("transformers")
+pytest.importorskip("peft")
+# 4 key/value heads: 4 ranks each get a whole one
+OVERRIDES = dict(num_key_value_heads=4)
+
+
+@pytest.fixture(scope="module")
+def tp_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    for arch in ("llama", "qwen2"):
+        build_model(arch, **OVERRIDES).save_pretrained(root / arch / "model")
+        save_all_adapters(arch, root / arch / "adapters", model_overrides=OVERRIDES)
+        # fits a model with a wider MLP: refused by this one's mlp layers
+        save_adapter(arch, str(root / arch / "bad_adapter"), model_overrides=dict(OVERRIDES, intermediate_size=96),
+                     r=4, lora_alpha=8, target_modules=["up_proj"])
+    return root
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_patch_model_refuses_a_tensor_parallel_model(tmp_path):
-    build_model("llama").save_pretrained(tmp_path / "tiny")
-    worker = os.path.join(os.path.dirname(__file__), "tp_refusal_worker.py")
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_tensor_parallel_matches_one_process(tp_root, ranks):
+    worker = os.path.join(os.path.dirname(__file__), "tp_worker.py")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          worker, str(tmp_path / "tiny")], capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("refused as expected") == 2, run.stdout
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                          str(ranks), worker, str(tp_root), "llama", "qwen2"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert run.stdout.count("all checks passed") == ranks, run.stdout

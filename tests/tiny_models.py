@@ -5,12 +5,15 @@ import torch
 ARCHITECTURES = ["llama", "mistral", "qwen2", "gpt2"]
 
 
-def build_model(arch, dtype=torch.float32, seed=0):
+def build_model(arch, dtype=torch.float32, seed=0, **overrides):
+    """overrides: config fields of the Llama-like models (for example num_key_value_heads=4, so
+    that 4 tensor-parallel ranks each get a whole key/value head)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    common.update(overrides)
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
     elif arch == "mistral":
@@ -42,11 +45,11 @@ def adapter_configs(arch):
     }
 
 
-def save_adapter(arch, directory, seed=1, **config):
+def save_adapter(arch, directory, seed=1, model_overrides=None, **config):
     """Saves a PEFT adapter with random (non-zero) A and B for `arch` into `directory`."""
     from peft import LoraConfig, get_peft_model
 
-    base = build_model(arch)
+    base = build_model(arch, **(model_overrides or {}))
     torch.manual_seed(seed)
     peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, **config))
     with torch.no_grad():  # PEFT's random init makes deltas tiny next to the base output; widen them
@@ -57,8 +60,8 @@ def save_adapter(arch, directory, seed=1, **config):
     return directory
 
 
-def save_all_adapters(arch, root):
+def save_all_adapters(arch, root, model_overrides=None):
     paths = {}
     for i, (name, config) in enumerate(adapter_configs(arch).items()):
-        paths[name] = save_adapter(arch, str(root / name), seed=10 + i, **config)
+        paths[name] = save_adapter(arch, str(root / name), seed=10 + i, model_overrides=model_overrides, **config)
     return paths

@@ -74,8 +74,10 @@ class AdapterRecord:
 class AdapterStore:
     """Registry, host cache and device slots of the adapters of one patched model.
 
-    layers: {module name: layer}; each layer has in_features, out_features, dtype, device and
-    write_slot(slot, ModuleSlotWeights or None, non_blocking) (lora_ext.model.LoraLayer).
+    layers: {module name: layer}; each layer has in_features, out_features (what its slots hold),
+    full_shape (the (d_in, d_out) adapter files hold), shard(lora_a, lora_b) (its part of them),
+    dtype, device and write_slot(slot, ModuleSlotWeights or None, non_blocking)
+    (lora_ext.model.LoraLayer).
     """
 
     def __init__(self, layers, max_adapters, max_rank, host_cache_bytes=None, slot_timeout=DEFAULT_SLOT_TIMEOUT):
@@ -312,8 +314,9 @@ class AdapterStore:
 
     def _read_for_slots(self, name, path, allow_pickle):
         adapter = read_peft_adapter(name, path, allow_pickle=allow_pickle, max_rank=self.max_rank,
-                                    modules={m: (layer.in_features, layer.out_features)
-                                             for m, layer in self.layers.items()})
+                                    modules={m: layer.full_shape for m, layer in self.layers.items()})
+        for module, w in adapter.modules.items():  # tensor parallelism: keep only this rank's part
+            w.lora_a, w.lora_b = self.layers[module].shard(w.lora_a, w.lora_b)
         weights = self._cast_for_slots(adapter)
         record = AdapterRecord(name, str(path), allow_pickle, {m: w.rank for m, w in adapter.modules.items()},
                                {m: w.scaling for m, w in adapter.modules.items()}, weights.nbytes)

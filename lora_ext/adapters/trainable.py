@@ -64,6 +64,16 @@ def init_weights(init, rank, d_in, d_out, generator=None):
     return a, b
 
 
+def module_leaves(layer, lora_a, lora_b):
+    """(A, B) leaves of one module from its whole weights: this rank's part under tensor
+    parallelism (the replicated half then sums its gradient over the ranks)."""
+    lora_a, lora_b = layer.shard(lora_a, lora_b)
+    a, b = leaf(lora_a, layer.device), leaf(lora_b, layer.device)
+    if layer.sharding is not None:
+        layer.sharding.sum_replicated_grads(a, b)
+    return a, b
+
+
 def leaf(tensor, device):
     """A float32 copy as an nn.Parameter: a leaf that requires grad, and one that a module can
     register as it is (lora_ext.TrainerModule), so optimizers built either way update the same."""
@@ -78,14 +88,13 @@ def new_adapter(name, config, modules, layers, max_rank, generator=None):
         layer, rank = layers[module], config.rank(module)
         if rank > max_rank:
             raise AdapterError(f"adapter {name!r}: module {module!r}: rank {rank} exceeds max_rank={max_rank}")
-        a, b = init_weights(config.init_lora_weights, rank, layer.in_features, layer.out_features, generator)
-        trainable[module] = TrainableModule(leaf(a, layer.device), leaf(b, layer.device), rank,
-                                            config.scaling(module))
+        a, b = init_weights(config.init_lora_weights, rank, *layer.full_shape, generator)
+        trainable[module] = TrainableModule(*module_leaves(layer, a, b), rank, config.scaling(module))
     return TrainableAdapter(name, config, trainable, config.lora_dropout)
 
 
 def adapter_from_weights(name, config, module_weights, layers):
     """A trainable adapter holding the weights read from a PEFT directory (ModuleWeights)."""
-    modules = {m: TrainableModule(leaf(w.lora_a, layers[m].device), leaf(w.lora_b, layers[m].device), w.rank,
-                                  w.scaling) for m, w in module_weights.items()}
+    modules = {m: TrainableModule(*module_leaves(layers[m], w.lora_a, w.lora_b), w.rank, w.scaling)
+               for m, w in module_weights.items()}
     return TrainableAdapter(name, config, modules, config.lora_dropout)

@@ -16,14 +16,18 @@ class LoraLayer(torch.nn.Module):
     adapter does not target in this layer has rank 0 and adds nothing.
     """
 
-    def __init__(self, base_layer, module_name, max_adapters, max_rank, owner):
+    def __init__(self, base_layer, module_name, max_adapters, max_rank, owner, sharding=None):
         super().__init__()
         self.base_layer = base_layer
         self.module_name = module_name
         self.is_conv1d = is_conv1d(base_layer)
-        weight = base_layer.weight
-        # Linear stores its weight (out, in); Conv1D (GPT-2) stores it (in, out).
+        self.sharding = sharding  # tensor parallelism: how the base layer is split over ranks (or None)
+        weight = self.local_weight()
+        # Linear stores its weight (out, in); Conv1D (GPT-2) stores it (in, out). in_features and
+        # out_features are this rank's (what the slots hold); full_shape is the whole layer's.
         self.in_features, self.out_features = weight.shape if self.is_conv1d else weight.shape[::-1]
+        self.full_shape = ((sharding.full_in, sharding.full_out) if sharding is not None
+                           else (self.in_features, self.out_features))
         float_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
         opts = dict(device=weight.device, dtype=float_dtype)
         self.register_buffer("lora_a", torch.zeros(max_adapters, max_rank, self.in_features, **opts), persistent=False)
@@ -36,6 +40,16 @@ class LoraLayer(torch.nn.Module):
         self._owner = owner
         self._base_is_linear = type(base_layer) is torch.nn.Linear
         self._cache_op_args()
+
+    def local_weight(self):
+        """The base weight this process holds: the whole weight, or its shard under tensor
+        parallelism (a view: writing it writes the model's weight)."""
+        weight = self.base_layer.weight
+        return weight if self.sharding is None else weight.to_local()
+
+    def shard(self, lora_a, lora_b):
+        """This rank's part of an adapter module's (A (r, d_in), B (d_out, r)) as files hold them."""
+        return (lora_a, lora_b) if self.sharding is None else self.sharding.shard(lora_a, lora_b)
 
     @property
     def lora_b(self):
@@ -74,17 +88,25 @@ class LoraLayer(torch.nn.Module):
         base = self._modules["base_layer"]
         if batch is None or not batch.any_adapter:
             return base(x, *args, **kwargs)
-        if batch.training:
-            return self._train_forward(batch, base, x, args, kwargs)
+        if self.sharding is not None:  # nn.Linear: no args or kwargs
+            return self.sharding.forward(self, batch, x)
+        params = base._parameters
+        plain = not args and not kwargs and self._base_is_plain_linear(base)
+        return self.lora_forward(batch, x, params["weight"], params["bias"], plain, lambda: base(x, *args, **kwargs))
+
+    def lora_forward(self, batch, x, weight, bias, plain, run_base):
+        """x's base output plus each row's delta, on this process's tensors. run_base() computes
+        the base output; plain: it is just x @ weight.T + bias, so linear_lora may compute it
+        instead, in one op with the delta."""
         slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
+        if batch.training:
+            return self._train_forward(batch, x, weight, bias, plain, run_base, slot_ids, plan)
         rows = x.reshape(-1, self.in_features)
         lora_a, lora_b, scales, ranks = self._op_args
-        if not args and not kwargs and self._base_runs_in_op(base, rows.dtype, lora_a.dtype):
-            params = base._parameters
-            out = ops.linear_lora(rows, params["weight"], params["bias"], lora_a, lora_b, slot_ids, scales, ranks,
-                                  plan)
+        if plain and rows.dtype == lora_a.dtype == weight.dtype:
+            out = ops.linear_lora(rows, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan)
             return out.view(*x.shape[:-1], self.out_features)
-        out = base(x, *args, **kwargs)
+        out = run_base()
         if rows.dtype != lora_a.dtype:
             rows = rows.to(lora_a.dtype)
         if out.dtype == lora_a.dtype and out.is_contiguous():
@@ -93,19 +115,17 @@ class LoraLayer(torch.nn.Module):
         delta = ops.lora_delta(rows, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return out + delta.view(out.shape).to(out.dtype)
 
-    def _train_forward(self, batch, base, x, args, kwargs):
+    def _train_forward(self, batch, x, weight, bias, plain, run_base, slot_ids, plan):
         """base(x) plus each row's delta through autograd: the batch's adapters stacked from their
         leaves (float32), the LoRA input dropped per row; the sum rounded once to the base's dtype.
-        Without dropout, a float32 nn.Linear base runs inside linear_lora: no separate sum forward,
+        Without dropout, a float32 plain base runs inside linear_lora: no separate sum forward,
         and its backward adds dy @ W into the LoRA's dx in one GEMM."""
-        slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
         lora_a, lora_b, scales, ranks = batch.stacks(self)
-        if batch.dropout is None and not args and not kwargs and self._base_runs_in_op(base, x.dtype, lora_a.dtype):
-            params = base._parameters
-            out = ops.linear_lora(x.reshape(-1, self.in_features), params["weight"], params["bias"], lora_a, lora_b,
-                                  slot_ids, scales, ranks, plan)
+        if batch.dropout is None and plain and x.dtype == lora_a.dtype == weight.dtype:
+            out = ops.linear_lora(x.reshape(-1, self.in_features), weight, bias, lora_a, lora_b, slot_ids, scales,
+                                  ranks, plan)
             return out.view(*x.shape[:-1], self.out_features)
-        out = base(x, *args, **kwargs)
+        out = run_base()
         rows = batch.drop(x.reshape(-1, self.in_features), slot_ids).to(lora_a.dtype)
         delta = ops.lora_delta(rows, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return (out.to(delta.dtype) + delta.view(*out.shape[:-1], self.out_features)).to(out.dtype)
@@ -124,13 +144,15 @@ class LoraLayer(torch.nn.Module):
         self._cache_op_args()
         return result
 
-    def _base_runs_in_op(self, base, x_dtype, lora_dtype):
-        """Whether linear_lora may compute the base layer too: a plain nn.Linear in the adapters'
-        dtype, with no hooks that calling it would have run."""
-        return (self._base_is_linear and x_dtype == lora_dtype == base._parameters["weight"].dtype
-                and not (base._forward_hooks or base._forward_pre_hooks or nn_module._global_forward_hooks
-                         or nn_module._global_forward_pre_hooks))
+    def _base_is_plain_linear(self, base):
+        """Whether calling the base layer is just x @ W.T + b: a plain nn.Linear with no hooks
+        that calling it would have run."""
+        return self._base_is_linear and not (base._forward_hooks or base._forward_pre_hooks
+                                             or nn_module._global_forward_hooks
+                                             or nn_module._global_forward_pre_hooks)
 
     def extra_repr(self):
         slots, rank = self.lora_a.shape[:2]
-        return f"{self.module_name}: {self.in_features} -> {self.out_features}, {slots} slots of rank up to {rank}"
+        part = "" if self.sharding is None else f" ({self.sharding.style} part {self.sharding.rank} of " \
+            f"{self.sharding.world_size})"
+        return f"{self.module_name}: {self.in_features} -> {self.out_features}{part}, {slots} slots of rank up to {rank}"

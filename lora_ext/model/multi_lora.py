@@ -16,7 +16,8 @@ from lora_ext.adapters.peft_format import AdapterError
 from lora_ext.adapters.store import DEFAULT_SLOT_TIMEOUT, AdapterStore
 from lora_ext.model.batch import BatchRows, active_batch
 from lora_ext.model.lora_layer import LoraLayer
-from lora_ext.model.targets import find_target_modules, refuse_sharded_weights
+from lora_ext.model.targets import find_target_modules
+from lora_ext.model.tensor_parallel import check_same_batch, sharding_of
 from lora_ext.model.train_batch import TrainBatch
 from lora_ext.model.training import TrainingMixin
 
@@ -47,13 +48,14 @@ class MultiLoraModel(TrainingMixin):
         self.layers = {}
         self._originals = {}
         targets = find_target_modules(model, target_modules)
-        refuse_sharded_weights(model, targets)
+        shardings = {name: sharding_of(model, name, model.get_submodule(name)) for name in targets}
+        self._tp_group = _one_group(shardings)  # tensor parallelism: the ranks' process group, else None
         for name in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             base = getattr(parent, child)
             self._originals[name] = (parent, child, base)
-            self.layers[name] = LoraLayer(base, name, max_adapters, max_rank, owner=self)
+            self.layers[name] = LoraLayer(base, name, max_adapters, max_rank, owner=self, sharding=shardings[name])
             setattr(parent, child, self.layers[name])
         model._lora_ext_patched = True
         self.store = AdapterStore(self.layers, max_adapters, max_rank, host_cache_bytes, slot_timeout)
@@ -108,6 +110,7 @@ class MultiLoraModel(TrainingMixin):
         """The model's forward; adapter_names gives each batch row its adapter ("__base__"/None: none).
         In training mode (train()) autograd records it; otherwise it runs without gradients."""
         self._check_patched()
+        self._check_same_batch_on_all_ranks(adapter_names)
         if self.training:
             return self._train_call(args, kwargs, adapter_names)
         if adapter_names is None:
@@ -140,6 +143,7 @@ class MultiLoraModel(TrainingMixin):
         """model.generate with one adapter per input row; beams and returned sequences of a row use
         that row's adapter."""
         self._check_patched()
+        self._check_same_batch_on_all_ranks(adapter_names)
         if adapter_names is None:
             return self._call_without_names(self.model.generate, *args, **kwargs)
         with self._batch(adapter_names, self._batch_size(args, kwargs)):
@@ -198,13 +202,13 @@ class MultiLoraModel(TrainingMixin):
             merged_weights = {}
             for module, module_weights in weights.modules.items():
                 layer = self.layers[module]
-                base = layer.base_layer.weight
+                base = layer.local_weight()
                 new = (base.float() + layer.delta_weight(module_weights).to(base.device)).to(base.dtype)
                 if not torch.isfinite(new).all():
                     raise AdapterError(f"adapter {name!r}: merging into module {module!r} overflows {base.dtype}")
                 merged_weights[module] = new
             for module, new in merged_weights.items():
-                base = self.layers[module].base_layer.weight
+                base = self.layers[module].local_weight()
                 self._merge_backup[module] = base.detach().clone()
                 with torch.no_grad():
                     base.copy_(new)
@@ -218,7 +222,7 @@ class MultiLoraModel(TrainingMixin):
                 raise ValueError("lora_ext: no adapter is merged")
             for module, original in self._merge_backup.items():
                 with torch.no_grad():
-                    self.layers[module].base_layer.weight.copy_(original)
+                    self.layers[module].local_weight().copy_(original)
             self._merge_backup.clear()
             self._merged = None
 
@@ -244,6 +248,14 @@ class MultiLoraModel(TrainingMixin):
     def _device(self):
         return next(iter(self.layers.values())).device
 
+    def _check_same_batch_on_all_ranks(self, adapter_names):
+        """Tensor parallelism: every rank must be given the same adapter names (one small
+        all-reduce per call, not per layer)."""
+        if self._tp_group is not None:
+            names = None if adapter_names is None else [n if isinstance(n, str) or n is None else repr(n)
+                                                        for n in adapter_names]
+            check_same_batch(self._tp_group, names, self._device())
+
     def _call_without_names(self, fn, *args, **kwargs):
         with torch.no_grad():
             return fn(*args, **kwargs)
@@ -254,6 +266,15 @@ class MultiLoraModel(TrainingMixin):
             if isinstance(value, torch.Tensor) and value.dim() >= 1:
                 return value.shape[0]
         return None
+
+
+def _one_group(shardings):
+    """The process group of the tensor-parallel layers (None without any); they must share one."""
+    groups = {id(s.group): s.group for s in shardings.values() if s is not None}
+    if len(groups) > 1:
+        raise ValueError(f"lora_ext: the patched layers are sharded over {len(groups)} different process groups; "
+                         "lora_ext supports one tensor-parallel group per model")
+    return next(iter(groups.values()), None)
 
 
 def patch_model(model, target_modules="all-linear", max_adapters=8, max_rank=64, host_cache_bytes=None,

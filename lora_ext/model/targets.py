@@ -57,23 +57,6 @@ def find_target_modules(model, target_modules):
     return names
 
 
-def refuse_sharded_weights(model, names):
-    """Raises a ValueError before anything is patched if a targeted layer's weight is sharded
-    (a DTensor, as transformers' tensor parallelism loads it): lora_ext's layers compute on whole
-    local tensors and would fail at the first forward pass with mixed Tensor / DTensor arguments."""
-    if not torch.distributed.is_available():
-        return
-    from torch.distributed.tensor import DTensor
-
-    for name in names:
-        weight = model.get_submodule(name).weight
-        if isinstance(weight, DTensor):
-            raise ValueError(
-                f"lora_ext: module {name!r} has a tensor-parallel weight (a DTensor with placements "
-                f"{tuple(weight.placements)} on a mesh of {weight.device_mesh.size()} ranks); patch_model does not "
-                "support tensor-parallel models yet; load the model without tp_plan")
-
-
 def modules_targeted_by(config, patched):
     """The patched module names a PEFT config targets, as PEFT chooses them: target_modules
     ("all-linear", a regex matched against the full name, or name suffixes), minus exclude_modules,

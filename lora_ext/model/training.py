@@ -61,7 +61,7 @@ class TrainingMixin:
 
     def _load_trainable(self, name, path, allow_pickle):
         adapter = read_peft_adapter(name, path, allow_pickle=allow_pickle, max_rank=self.max_rank,
-                                    modules={m: (layer.in_features, layer.out_features) for m, layer in self.layers.items()})
+                                    modules={m: layer.full_shape for m, layer in self.layers.items()})
         self.store.register_trainable(adapter_from_weights(name, adapter.config, adapter.modules, self.layers), path)
 
     def adapter_parameters(self, name):
