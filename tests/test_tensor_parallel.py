@@ -40,3 +40,22 @@ def test_tensor_parallel_matches_one_process(tp_root, ranks):
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     assert run.stdout.count("all checks passed") == ranks, run.stdout
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_bench_tp_counts_no_added_collective(tmp_path):
+    """lora-ext bench --tp 2 under torchrun: both scenarios timed, and the patched model's forward
+    runs the base model's collectives plus the one adapter-name check, none per layer."""
+    import json
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "lora_ext", "bench", "--tp", "2", "--quick", "--batch-size", "4",
+                          "--num-adapters", "2", "--rank", "4", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    result = json.loads((tmp_path / "tp_bench.json").read_text())
+    assert result["collectives_added_per_layer"] == 0, result["collectives"]
+    base, lora = (sum(result["collectives"][k].values()) for k in ("base", "lora_ext"))
+    assert base > 0 and lora == base + 1, result["collectives"]
+    assert all(row["decode_step_ms"] > 0 for row in result["rows"]), result["rows"]

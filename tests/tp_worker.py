@@ -172,6 +172,32 @@ def worst_gradient_error(one, one_grads, tp_grads):
     return worst
 
 
+def check_saving(root, one, tp):
+    """After an optimizer step on both, the adapter tensor-parallel ranks save together (rank 0
+    writes the gathered weights) equals the one-process one; an existing directory is refused on
+    every rank."""
+    for mm in (one, tp):
+        torch.optim.SGD(mm.adapter_parameters("new"), lr=1.0).step()
+    out = f"{root}/saved_{dist.get_world_size()}"
+    if dist.get_rank() == 0:
+        one.save_adapter("new", f"{out}/one")
+    tp.save_adapter("new", f"{out}/tp")
+    from safetensors.torch import load_file
+
+    expected, got = (load_file(f"{out}/{which}/adapter_model.safetensors") for which in ("one", "tp"))
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert got[key].shape == expected[key].shape, key
+        assert_close(got[key], expected[key], f"saved {key}", rtol=GRAD_RTOL)
+    try:
+        tp.save_adapter("new", f"{out}/tp")
+    except ValueError as e:
+        assert "already exists" in str(e), e
+    else:
+        raise AssertionError("saving over an existing directory was accepted")
+    dist.barrier()
+
+
 # float32 gradients through softmax attention: this one-process run's own gradients differ from
 # float64 PEFT's by up to 3e-4 of the largest entry (measured on these models), and the ranks sum
 # in another order; a missing reduction is off by far more (check_training proves it fails).
@@ -185,7 +211,7 @@ def check_training(root, adapters):
     from lora_ext.model import tensor_parallel as tp_module
 
     one, one_grads, one_loss = train_step(root, adapters, False)
-    _, tp_grads, tp_loss = train_step(root, adapters, True)
+    tp, tp_grads, tp_loss = train_step(root, adapters, True)
     assert_close(tp_loss, one_loss, "training loss")
     error, where = worst_gradient_error(one, one_grads, tp_grads)
     assert error <= GRAD_RTOL, f"rank {dist.get_rank()}: gradient of {where}: relative error {error:.3g}"
@@ -193,6 +219,7 @@ def check_training(root, adapters):
                                                           lambda self, a, b: None),
               "column-parallel input gradient not summed": (tp_module._SumGradOverRanks, "apply",
                                                             staticmethod(lambda x, group: x))}
+    check_saving(root, one, tp)
     for what, (owner, attr, wrong) in broken.items():
         own = owner.__dict__.get(attr)  # None: inherited (Function.apply)
         setattr(owner, attr, wrong)
@@ -202,6 +229,36 @@ def check_training(root, adapters):
             setattr(owner, attr, own) if own is not None else delattr(owner, attr)
         error, where = worst_gradient_error(one, one_grads, wrong_grads)
         assert error > 10 * GRAD_RTOL, f"{what}: the check cannot tell ({where}: {error:.3g})"
+
+
+def check_data_parallel(root, adapters):
+    """Data parallelism without tensor parallelism: DistributedDataParallel over TrainerModule,
+    each rank on its own rows; every rank's gradient is the mean of the ranks' one-process gradients."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+
+    def module():
+        mm = load(f"{root}/model", False, {})
+        mm.add_adapter("new", dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+                       generator=torch.Generator().manual_seed(7))
+        mm.load_adapter("chat", adapters["chat"], trainable=True)
+        return lora_ext.TrainerModule(mm, ["new", "chat"]).train()
+
+    def rows(r):
+        ids, _ = batch(rows=3, seed=20 + r)
+        return dict(input_ids=ids, labels=ids, adapter_ids=torch.tensor([0, 1, -1 if r % 2 else 0]))
+
+    expected = None
+    for r in range(world):  # what each rank's rows give in one process, averaged
+        single = module()
+        single(**rows(r)).loss.backward()
+        grads = [p.grad / world for p in single.parameters()]
+        expected = grads if expected is None else [e + g for e, g in zip(expected, grads)]
+    ddp = DistributedDataParallel(module(), find_unused_parameters=True)
+    ddp(**rows(rank)).loss.backward()
+    for (name, p), e in zip(ddp.module.named_parameters(), expected):
+        assert_close(p.grad, e, f"data-parallel gradient of {name}", rtol=GRAD_RTOL)
 
 
 def main():
@@ -215,6 +272,7 @@ def main():
         check_merge(tp, one)
         check_refusals(f"{root}/{arch}", tp)
         check_training(f"{root}/{arch}", adapters)
+        check_data_parallel(f"{root}/{arch}", adapters)
         print(f"rank {dist.get_rank()}: {arch} on {world_size} ranks passed", flush=True)
     dist.barrier()
     print(f"rank {dist.get_rank()}: all checks passed", flush=True)

@@ -129,6 +129,10 @@ def exit_status(correctness, kernel_paths):
 
 def main(argv=None):
     argv = list(argv if argv is not None else sys.argv[1:])
+    if any(a == "--tp" or a.startswith("--tp=") for a in argv):  # tensor parallelism, under torchrun
+        from lora_ext.bench.tp_bench import main as tp_bench_main
+
+        return tp_bench_main(argv)
     if "--train" in argv:  # the training benchmark has its own options
         from lora_ext.bench.train_bench import main as train_bench_main
 

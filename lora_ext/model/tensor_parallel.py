@@ -49,6 +49,21 @@ class Sharding:
             return lora_a, lora_b[self.start:self.stop].clone()
         return lora_a[:, self.start:self.stop].clone(), lora_b
 
+    def gather(self, lora_a, lora_b):
+        """The whole (A, B) from every rank's part: a collective, every rank calls it."""
+        if self.style == COLWISE:
+            return lora_a, self._gather(lora_b, 0, self.full_out)
+        return self._gather(lora_a, 1, self.full_in), lora_b
+
+    def _gather(self, part, dim, whole):
+        # every rank sends a piece of the even-split size; only the last non-empty one is padded
+        chunk = -(-whole // self.world_size)
+        pad = [0, 0] * (part.dim() - 1 - dim) + [0, chunk - part.shape[dim]]
+        piece = torch.nn.functional.pad(part.detach(), pad).contiguous()
+        pieces = [torch.empty_like(piece) for _ in range(self.world_size)]
+        torch.distributed.all_gather(pieces, piece, group=self.group)
+        return torch.cat(pieces, dim).narrow(dim, 0, whole)
+
     def sum_replicated_grads(self, a_leaf, b_leaf):
         """Makes the replicated half of a trainable module (A of a column-parallel layer, B of a
         row-parallel one) receive the sum over ranks of its partial gradients."""

@@ -18,7 +18,7 @@ import torch
 from lora_ext.adapters.config import AdapterError, parse_config
 from lora_ext.adapters.peft_format import read_peft_adapter
 from lora_ext.adapters.peft_writer import save_peft_adapter
-from lora_ext.adapters.trainable import adapter_from_weights, new_adapter
+from lora_ext.adapters.trainable import TrainableAdapter, TrainableModule, adapter_from_weights, new_adapter
 from lora_ext.model.targets import modules_targeted_by
 
 
@@ -106,8 +106,33 @@ class TrainingMixin:
         model_config = getattr(self.model, "config", None)
         conv1d = any(self.layers[m].is_conv1d for m in trainable.modules)
         task = "CAUSAL_LM" if hasattr(self.model, "generate") and hasattr(self.model, "get_output_embeddings") else None
-        save_peft_adapter(trainable, directory, overwrite=overwrite, task_type=task, fan_in_fan_out=conv1d,
-                          base_model_name_or_path=getattr(model_config, "_name_or_path", None) or None)
+
+        def save(adapter):
+            save_peft_adapter(adapter, directory, overwrite=overwrite, task_type=task, fan_in_fan_out=conv1d,
+                              base_model_name_or_path=getattr(model_config, "_name_or_path", None) or None)
+        if self._tp_group is None:
+            return save(trainable)
+        # tensor parallelism: every rank's part is gathered, rank 0 writes, every rank sees its error
+        whole = TrainableAdapter(trainable.name, trainable.config, {
+            m: TrainableModule(*self._gather_module(m, w), w.rank, w.scaling) for m, w in trainable.modules.items()})
+        error, failure = [None], None
+        if torch.distributed.get_rank(self._tp_group) == 0:
+            try:
+                save(whole)
+            except Exception as e:  # every rank must reach the broadcast below
+                error, failure = [f"{type(e).__name__}: {e}"], e
+        source = torch.distributed.get_global_rank(self._tp_group, 0)
+        torch.distributed.broadcast_object_list(error, src=source, group=self._tp_group)
+        if failure is not None:
+            raise failure
+        if error[0] is not None:
+            raise AdapterError(f"adapter {name!r}: rank 0 could not save it: {error[0]}")
+
+    def _gather_module(self, module, weights):
+        sharding = self.layers[module].sharding
+        if sharding is None:
+            return weights.lora_a.detach(), weights.lora_b.detach()
+        return sharding.gather(weights.lora_a, weights.lora_b)
 
     def nonfinite_gradients(self):
         """Names of trainable adapters whose gradients hold NaN or infinity (their rows' loss was
