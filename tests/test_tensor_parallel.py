@@ -30,11 +30,18 @@ def tp_root(tmp_path_factory):
     return root
 
 
+TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 and torch.distributed.is_nccl_available()
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_tensor_parallel_matches_one_process(tp_root, ranks):
+@pytest.mark.parametrize("backend,ranks", [
+    ("gloo", 2), ("gloo", 4),
+    pytest.param("nccl", 2, marks=pytest.mark.skipif(not TWO_GPUS, reason="needs 2 CUDA devices and NCCL"))])
+def test_tensor_parallel_matches_one_process(tp_root, backend, ranks):
     worker = os.path.join(os.path.dirname(__file__), "tp_worker.py")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if backend == "gloo":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                           str(ranks), worker, str(tp_root), "llama", "qwen2"],
                          capture_output=True, text=True, timeout=600, env=env)

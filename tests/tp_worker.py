@@ -2,11 +2,12 @@
 Llama and Qwen2 models loaded with transformers' tensor parallelism (tp_plan="auto"), a patched
 model serves, generates, merges, evicts and trains exactly as the same model in one process.
 
-Usage: tp_worker.py ROOT ARCH [ARCH ...]; ROOT/ARCH holds model/, adapters/<name>/ and
+Usage: tp_worker.py ROOT ARCH [ARCH ...] (GPUs visible: one per rank, NCCL; else CPU and gloo); ROOT/ARCH holds model/, adapters/<name>/ and
 bad_adapter/ (tests/test_tensor_parallel.py writes them). Every rank compares against its own
 one-process run of the unsharded model and prints "rank R: all checks passed".
 """
 
+import os
 import sys
 import warnings
 
@@ -19,6 +20,10 @@ from lora_ext.adapters.config import AdapterError
 warnings.simplefilter("ignore")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+# NCCL when the test leaves GPUs visible (one per rank), gloo on CPU otherwise
+DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+if DEVICE.type == "cuda":
+    torch.cuda.set_device(DEVICE)
 NAMES = ["sql", "__base__", "chat", "code", "sql", "__base__"]
 FP32_RTOL = 1e-5  # float32 logits and gradients, relative to the largest value of the result
 
@@ -39,12 +44,12 @@ def batch(rows=len(NAMES), length=9, seed=0):
     mask[1, :3] = 0  # left padding on a row or two
     mask[min(4, rows - 1), :2] = 0
     ids[mask == 0] = 0
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def load(model_dir, tensor_parallel, adapters, **patch_kwargs):
     kwargs = dict(tp_plan="auto") if tensor_parallel else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs).to(DEVICE).eval()
     model.generation_config.pad_token_id = 0
     mm = lora_ext.patch_model(model, max_adapters=patch_kwargs.pop("max_adapters", 4), max_rank=16, **patch_kwargs)
     for name, path in adapters.items():
@@ -178,7 +183,7 @@ def check_saving(root, one, tp):
     every rank."""
     for mm in (one, tp):
         torch.optim.SGD(mm.adapter_parameters("new"), lr=1.0).step()
-    out = f"{root}/saved_{dist.get_world_size()}"
+    out = f"{root}/saved_{DEVICE.type}_{dist.get_world_size()}"
     if dist.get_rank() == 0:
         one.save_adapter("new", f"{out}/one")
     tp.save_adapter("new", f"{out}/tp")
@@ -247,7 +252,7 @@ def check_data_parallel(root, adapters):
 
     def rows(r):
         ids, _ = batch(rows=3, seed=20 + r)
-        return dict(input_ids=ids, labels=ids, adapter_ids=torch.tensor([0, 1, -1 if r % 2 else 0]))
+        return dict(input_ids=ids, labels=ids, adapter_ids=torch.tensor([0, 1, -1 if r % 2 else 0], device=DEVICE))
 
     expected = None
     for r in range(world):  # what each rank's rows give in one process, averaged
@@ -255,7 +260,8 @@ def check_data_parallel(root, adapters):
         single(**rows(r)).loss.backward()
         grads = [p.grad / world for p in single.parameters()]
         expected = grads if expected is None else [e + g for e, g in zip(expected, grads)]
-    ddp = DistributedDataParallel(module(), find_unused_parameters=True)
+    ddp = DistributedDataParallel(module(), device_ids=[DEVICE] if DEVICE.type == "cuda" else None,
+                                  find_unused_parameters=True)
     ddp(**rows(rank)).loss.backward()
     for (name, p), e in zip(ddp.module.named_parameters(), expected):
         assert_close(p.grad, e, f"data-parallel gradient of {name}", rtol=GRAD_RTOL)

@@ -137,7 +137,8 @@ def run(args):
     with torch.no_grad():
         counts = {"base": backend_collectives(lambda: base(input_ids=ids, attention_mask=mask)),
                   "lora_ext": backend_collectives(lambda: lora_call(input_ids=ids, attention_mask=mask))}
-    result = summarize(args, scenarios, times, counts, len(mm.layers), machine_info(device.type), dtype)
+    memory = adapter_memory(mm, list(adapters))
+    result = summarize(args, scenarios, times, counts, memory, len(mm.layers), machine_info(device.type), dtype)
     if dist.get_rank() == 0:
         os.makedirs(args.out, exist_ok=True)
         atomic.write_json(os.path.join(args.out, "tp_bench.json"), result, indent=1)
@@ -149,7 +150,17 @@ def run(args):
     return 0
 
 
-def summarize(args, scenarios, times, counts, patched_layers, setup, dtype):
+def adapter_memory(mm, names):
+    """(bytes of the adapters this rank holds, bytes the same adapters take in one process)."""
+    whole = 0
+    for name in names:
+        for module, rank in mm.store.record(name).ranks.items():
+            layer = mm.layers[module]
+            whole += rank * sum(layer.full_shape) * layer.lora_a.element_size()
+    return sum(mm.store.adapter_bytes(n) for n in names), whole
+
+
+def summarize(args, scenarios, times, counts, memory, patched_layers, setup, dtype):
     rows = []
     for s in scenarios:
         steps = [t for round_steps in times[s.name]["steps"] for t in round_steps]
@@ -168,9 +179,12 @@ def summarize(args, scenarios, times, counts, patched_layers, setup, dtype):
                   f"({100 * overhead / rows[0]['decode_step_ms']:+.1f}% of the base step)",
               f"collectives in one forward pass: base {total['base']} {counts['base']}, lora_ext {total['lora_ext']} "
               f"{counts['lora_ext']}",
-              f"  added per patched layer: {added_per_layer:g} (beyond the one adapter-name check per call)"]
+              f"  added per patched layer: {added_per_layer:g} (beyond the one adapter-name check per call)",
+              f"adapter bytes on this rank: {memory[0] / 2**20:.2f} MiB of {memory[1] / 2**20:.2f} MiB in one process "
+              f"({memory[0] / memory[1]:.3f}; (1 + 1/N)/2 = {(1 + 1 / args.tp) / 2:.3f} when A and B are alike in size)"]
     return dict(setup=setup, args=vars(args), dtype=str(dtype), rows=rows, overhead_ms=overhead,
-                collectives=counts, collectives_added_per_layer=added_per_layer, lines=lines)
+                collectives=counts, collectives_added_per_layer=added_per_layer, adapter_bytes_this_rank=memory[0],
+                adapter_bytes_one_process=memory[1], lines=lines)
 
 
 def main(argv):
