@@ -1,5 +1,5 @@
 """Tensor-parallel models (transformers' tp_plan="auto", weights as DTensor shards): a patched
-model on 2 and 4 real processes (gloo, as torchrun launches them) gives the one-process logits,
+Llama, Mistral (2 ranks) or Qwen2 on 2 and 4 real processes (gloo, as torchrun launches them) gives the one-process logits,
 generations, merges, eviction and gradients; each rank keeps only its shard of every adapter;
 bad input is refused on every rank (tests/tp_worker.py runs the checks)."""
 
@@ -21,7 +21,7 @@ OVERRIDES = dict(num_key_value_heads=4)
 @pytest.fixture(scope="module")
 def tp_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
-    for arch in ("llama", "qwen2"):
+    for arch in ("llama", "mistral", "qwen2"):
         build_model(arch, **OVERRIDES).save_pretrained(root / arch / "model")
         save_all_adapters(arch, root / arch / "adapters", model_overrides=OVERRIDES)
         # fits a model with a wider MLP: refused by this one's mlp layers
@@ -43,7 +43,8 @@ def test_tensor_parallel_matches_one_process(tp_root, backend, ranks):
     if backend == "gloo":
         env["CUDA_VISIBLE_DEVICES"] = ""
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                          str(ranks), worker, str(tp_root), "llama", "qwen2"],
+                          str(ranks), worker, str(tp_root), *(["llama", "mistral", "qwen2"] if ranks == 2
+                                                              else ["llama", "qwen2"])],
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     assert run.stdout.count("all checks passed") == ranks, run.stdout

@@ -1,5 +1,5 @@
 """Run by tests/test_tensor_parallel.py under torch.distributed.run (N processes, gloo): on tiny
-Llama and Qwen2 models loaded with transformers' tensor parallelism (tp_plan="auto"), a patched
+Llama, Mistral and Qwen2 models loaded with transformers' tensor parallelism (tp_plan="auto"), a patched
 model serves, generates, merges, evicts and trains exactly as the same model in one process.
 
 Usage: tp_worker.py ROOT ARCH [ARCH ...] (GPUs visible: one per rank, NCCL; else CPU and gloo); ROOT/ARCH holds model/, adapters/<name>/ and
