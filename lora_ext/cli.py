@@ -24,6 +24,10 @@ def inspect_adapter(path, allow_pickle=False, max_rank=None, out=None):
     for key in ("exclude_modules", "layers_to_transform", "layers_pattern"):
         if getattr(config, key) is not None:
             print(f"  {key}={_listed(getattr(config, key))!r}", file=out)
+    if config.use_dora:
+        print("  use_dora=True (DoRA: every module has a magnitude vector)", file=out)
+    if config.lora_bias:
+        print("  lora_bias=True (every module's lora_B has a bias)", file=out)
     if config.fan_in_fan_out:
         print("  fan_in_fan_out=True (the base weight is stored (in, out); lora_A / lora_B are read alike)", file=out)
     if config.extra:

@@ -300,7 +300,7 @@ def test_lying_safetensors_header_refused(served, tmp_path, reads, edit, needles
     ((A1, B1, "base_model.model.fc3.lora_A.weight", "base_model.model.fc3.lora_B.weight"),
      ("not patched: ['fc3'] (1 of 2)",)),
     ((A1, B1, "base_model.model.fc1.weight"), ("base_model.model.fc1.weight", "not LoRA A/B weights")),
-    ((A1, B1, "base_model.model.fc1.bias"), ("base_model.model.fc1.bias", "LoRA biases are not supported")),
+    ((A1, B1, "base_model.model.fc1.bias"), ("base_model.model.fc1.bias", "biases other than lora_B's are not supported")),
     ((A1, B1, "fc1.lora_A.default.weight"), ("'fc1'", A1, "fc1.lora_A.default.weight")),
 ])
 def test_keys_of_unpatched_modules_or_base_weights_refused(served, tmp_path, reads, keys, needles):

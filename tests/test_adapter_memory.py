@@ -140,13 +140,27 @@ def refusal_cases(tmp_path):
          lambda p: write_adapter(p, **ok, tensors=_tensors(("fc2",), poison=float("nan"))))
     case("infinite weights", r"lora_B holds 1 NaN or infinite values",
          lambda p: write_adapter(p, **ok, tensors=_tensors(("fc2",), poison=float("inf"))))
-    case("DoRA", r"use_dora=true \(DoRA is not supported\)", lambda p: write_adapter(p, **ok, config=dict(use_dora=True)))
+    case("DoRA without magnitudes", r"module 'fc\d' has no lora_magnitude_vector but the config has use_dora=true",
+         lambda p: write_adapter(p, **ok, config=dict(use_dora=True)))
+    case("DoRA with lora_bias", r"use_dora=true with lora_bias=true",
+         lambda p: write_adapter(p, **ok, config=dict(use_dora=True, lora_bias=True)))
     case("modules_to_save", r"modules_to_save=\['head'\]", lambda p: write_adapter(p, **ok, config=dict(modules_to_save=["head"])))
     case("trained bias", r"bias='lora_only'", lambda p: write_adapter(p, **ok, config=dict(bias="lora_only")))
     case("not LoRA", r"peft_type 'IA3'", lambda p: write_adapter(p, **ok, config=dict(peft_type="IA3")))
-    case("DoRA weights", r"DoRA is not supported",
+    case("DoRA weights without use_dora", r"module 'fc1' has a lora_magnitude_vector .* but the config has use_dora=false",
          lambda p: write_adapter(p, **ok, tensors={**_tensors(("fc1",)),
                                                    "base_model.model.fc1.lora_magnitude_vector": torch.ones(40)}))
+    case("magnitude of the wrong length", r"module 'fc1': lora_magnitude_vector has shape \(39,\), not \(40,\)",
+         lambda p: write_adapter(p, **ok, config=dict(use_dora=True), tensors={
+             **_tensors(("fc1",)), "base_model.model.fc1.lora_magnitude_vector": torch.ones(39)}))
+    case("NaN magnitude", r"module 'fc1': lora_magnitude_vector holds 1 NaN or infinite values",
+         lambda p: write_adapter(p, **ok, config=dict(use_dora=True), tensors={
+             **_tensors(("fc1",)), "base_model.model.fc1.lora_magnitude_vector": torch.tensor([float("nan")] + [1.0] * 39)}))
+    case("bias of the wrong size", r"module 'fc1': lora_B bias has shape \(41,\), not \(40,\)",
+         lambda p: write_adapter(p, **ok, config=dict(lora_bias=True), tensors={
+             **_tensors(("fc1",)), "base_model.model.fc1.lora_B.bias": torch.ones(41)}))
+    case("bias without lora_bias", r"module 'fc1' has a lora_B bias .* but the config has lora_bias=false",
+         lambda p: write_adapter(p, **ok, tensors={**_tensors(("fc1",)), "base_model.model.fc1.lora_B.bias": torch.ones(40)}))
     return cases
 
 

@@ -232,7 +232,6 @@ def test_unsupported_layer_type_refused():
 
 
 @pytest.mark.parametrize("feature,config", [
-    ("DoRA", dict(use_dora=True)),
     ("modules_to_save", dict(modules_to_save=["lm_head"])),
     ("trained biases", dict(bias="all")),
 ])

@@ -46,7 +46,9 @@ def adapter_configs(arch):
 
 
 def save_adapter(arch, directory, seed=1, model_overrides=None, **config):
-    """Saves a PEFT adapter with random (non-zero) A and B for `arch` into `directory`."""
+    """Saves a PEFT adapter with random (non-zero) A and B for `arch` into `directory` (and, with
+    use_dora, magnitudes scaled away from the norm PEFT initialises them to; with lora_bias, a
+    random lora_B bias)."""
     from peft import LoraConfig, get_peft_model
 
     base = build_model(arch, **(model_overrides or {}))
@@ -56,6 +58,8 @@ def save_adapter(arch, directory, seed=1, model_overrides=None, **config):
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.mul_(20)
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
     peft_model.save_pretrained(directory)
     return directory
 

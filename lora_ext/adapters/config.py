@@ -386,14 +386,12 @@ def refuse_unsupported_config(name, config):
     refusals = []
     if config.peft_type != "LORA":
         refusals.append(f"peft_type {config.peft_type!r} (only LORA adapters are supported)")
-    if config.use_dora:
-        refusals.append("use_dora=true (DoRA is not supported)")
+    if config.use_dora and config.lora_bias:
+        refusals.append("use_dora=true with lora_bias=true (PEFT does not define them together)")
     if config.modules_to_save:
         refusals.append(f"modules_to_save={list(config.modules_to_save)!r} (fully trained modules are not supported)")
     if config.bias != "none":
         refusals.append(f"bias={config.bias!r} (trained biases are not supported)")
-    if config.lora_bias:
-        refusals.append("lora_bias=true (a bias on lora_B is not supported)")
     if config.layer_replication:
         refusals.append("layer_replication (not supported)")
     if config.target_parameters:

@@ -25,7 +25,15 @@ from lora_ext.adapters.config import (CONFIG_FILE, AdapterConfig, AdapterError, 
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_HEADER_BYTES = 100 << 20
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
+# lora_A / lora_B weights, lora_B's bias (lora_bias=True) and DoRA's magnitude vector; an optional
+# adapter-name segment (".default") as PEFT's in-memory state dicts have
+_KEYS = {
+    "A": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_A(?:\.[^.]+)?\.weight$"),
+    "B": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_B(?:\.[^.]+)?\.weight$"),
+    "bias": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_B(?:\.[^.]+)?\.bias$"),
+    "magnitude": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_magnitude_vector(?:\.[^.]+)?"
+                            r"(?:\.weight)?$"),
+}
 # safetensors dtype -> (bytes per element, torch dtype of the floating ones lora_ext reads)
 _DTYPES = {"F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16),
            "BF16": (2, torch.bfloat16), "F8_E4M3": (1, torch.float8_e4m3fn), "F8_E5M2": (1, torch.float8_e5m2),
@@ -35,17 +43,21 @@ _DTYPES = {"F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torc
 
 @dataclass
 class ModuleWeights:
-    """One module's LoRA: lora_a (rank, d_in) and lora_b (d_out, rank), as PEFT stores them."""
+    """One module's LoRA: lora_a (rank, d_in) and lora_b (d_out, rank), as PEFT stores them; with
+    lora_bias=True, lora_B's bias (d_out,); with DoRA, the magnitude vector m (d_out,)."""
 
     module: str
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     rank: int
     scaling: float
+    lora_bias: torch.Tensor = None
+    magnitude: torch.Tensor = None
 
     @property
     def nbytes(self):
-        return self.lora_a.numel() * self.lora_a.element_size() + self.lora_b.numel() * self.lora_b.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.lora_a, self.lora_b, self.lora_bias, self.magnitude)
+                   if t is not None)
 
 
 @dataclass
@@ -87,10 +99,10 @@ def read_peft_adapter(name, path, *, allow_pickle=False, modules=None, max_rank=
         plan = plan_modules(name, file, entries, config, modules, max_rank)
         check_layers_to_transform(name, config, plan, modules)
         weights = {}
-        for module, (key_a, key_b, rank) in plan.items():
-            a, b = (tensors[k] if tensors is not None else read_tensor_bytes(name, file, f, k, entries[k])
-                    for k in (key_a, key_b))
-            weights[module] = check_module(name, module, a, b, rank, config)
+        for module, (keys, rank) in plan.items():
+            read = {which: tensors[k] if tensors is not None else read_tensor_bytes(name, file, f, k, entries[k])
+                    for which, k in keys.items()}
+            weights[module] = check_module(name, module, read, rank, config)
     return PeftAdapter(name=name, path=path, config=config, modules=weights)
 
 
@@ -191,14 +203,15 @@ def read_tensor_bytes(name, file, f, key, entry):
 
 
 def plan_modules(name, file, entries, config, modules=None, max_rank=None):
-    """{module: (lora_A key, lora_B key, rank)} from the declared keys, dtypes and shapes alone."""
+    """{module: ({"A": key, "B": key, and "bias" / "magnitude" when present}, rank)} from the
+    declared keys, dtypes and shapes alone."""
     halves, refused = {}, []
     for key in entries:
-        match = _KEY.match(key)
+        match = next(((which, m) for which, pattern in _KEYS.items() if (m := pattern.match(key))), None)
         if match is None:
             refused.append(key)
             continue
-        halves.setdefault(match["module"], {}).setdefault(match["which"], []).append(key)
+        halves.setdefault(match[1]["module"], {}).setdefault(match[0], []).append(key)
     if refused:
         kinds = sorted({_describe_key(k) for k in refused})
         raise AdapterError(f"adapter {name!r}: {file}: unsupported weights {[clip(k) for k in refused[:5]]}"
@@ -213,21 +226,23 @@ def plan_modules(name, file, entries, config, modules=None, max_rank=None):
                                f"({len(unknown)} of {len(halves)}); patched modules look like {sorted(modules)[:3]}")
     plan = {}
     for module, pair in sorted(halves.items()):
-        problem = _module_problem(pair, entries, config.rank(module), (modules or {}).get(module), max_rank)
+        problem = (_module_problem(pair, entries, config.rank(module), (modules or {}).get(module), max_rank)
+                   or _extras_problem(pair, entries, config))
         if problem:
             raise AdapterError(f"adapter {name!r}: module {module!r}{problem} ({file})")
-        plan[module] = (pair["A"][0], pair["B"][0], config.rank(module))
+        plan[module] = ({which: keys[0] for which, keys in pair.items()}, config.rank(module))
     return plan
 
 
 def _module_problem(pair, entries, rank, layer, max_rank):
     """What is wrong with one module's declared weights ('' if nothing): pairing, shapes, dtypes,
     its layer's (d_in, d_out) if given, max_rank if given and the config's rank."""
-    if set(pair) != {"A", "B"}:
-        return " has lora_A but no lora_B" if "A" in pair else " has lora_B but no lora_A"
+    if not {"A", "B"} <= set(pair):
+        return (" has lora_A but no lora_B" if "A" in pair else " has lora_B but no lora_A" if "B" in pair
+                else f" has {' and '.join(_NAMES[w] for w in sorted(pair))} but no lora_A / lora_B weights")
     for which, keys in sorted(pair.items()):
         if len(keys) > 1:
-            return f" has {len(keys)} lora_{which} weights: {[clip(k) for k in keys[:3]]}"
+            return f" has {len(keys)} {_NAMES[which]} tensors: {[clip(k) for k in keys[:3]]}"
     a, b = entries[pair["A"][0]], entries[pair["B"][0]]
     if len(a.shape) != 2 or len(b.shape) != 2:
         return f": lora_A {a.shape} and lora_B {b.shape} must be 2-D"
@@ -244,26 +259,47 @@ def _module_problem(pair, entries, rank, layer, max_rank):
     return ""
 
 
+_NAMES = {"A": "lora_A", "B": "lora_B", "bias": "lora_B bias", "magnitude": "lora_magnitude_vector"}
+
+
+def _extras_problem(pair, entries, config):
+    """What is wrong with a module's lora_B bias or DoRA magnitude ('' if nothing): present
+    exactly when the config says so (lora_bias, use_dora), 1-D floating, one value per output."""
+    d_out = entries[pair["B"][0]].shape[0]
+    for which, wanted, field in (("bias", config.lora_bias, "lora_bias"), ("magnitude", config.use_dora, "use_dora")):
+        if which in pair and not wanted:
+            return f" has a {_NAMES[which]} ({clip(pair[which][0])}) but the config has {field}=false"
+        if which not in pair and wanted:
+            return f" has no {_NAMES[which]} but the config has {field}=true"
+        if which in pair:
+            entry = entries[pair[which][0]]
+            if entry.torch_dtype is None:
+                return f": {_NAMES[which]} must be floating point, not {entry.dtype}"
+            if entry.shape != (d_out,):
+                return f": {_NAMES[which]} has shape {entry.shape}, not ({d_out},) (one value per output of lora_B)"
+    return ""
+
+
 def _describe_key(key):
     if "lora_embedding" in key:
         return "embedding adapters are not supported"
-    if "lora_magnitude_vector" in key:
-        return "DoRA is not supported"
     if key.endswith(".bias"):
-        return "LoRA biases are not supported"
+        return "biases other than lora_B's are not supported"
     if "modules_to_save" in key:
         return "modules_to_save is not supported"
     return "not LoRA A/B weights"
 
 
-def check_module(name, module, lora_a, lora_b, rank, config):
-    """ModuleWeights of one planned module, once its weights are read: finite values, scaling."""
+def check_module(name, module, read, rank, config):
+    """ModuleWeights of one planned module from its tensors read ({"A", "B", and "bias" /
+    "magnitude" when present}): finite values, scaling."""
     where = f"adapter {name!r}: module {module!r}"
-    for half, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
+    for which, tensor in read.items():
         finite = torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float())  # no isfinite for float8
         if not finite.all():
-            raise AdapterError(f"{where}: {half} holds {int((~finite).sum())} NaN or infinite values")
-    return ModuleWeights(module, lora_a, lora_b, rank, config.scaling(module))
+            raise AdapterError(f"{where}: {_NAMES[which]} holds {int((~finite).sum())} NaN or infinite values")
+    return ModuleWeights(module, read["A"], read["B"], rank, config.scaling(module), lora_bias=read.get("bias"),
+                         magnitude=read.get("magnitude"))
 
 
 def layer_index(module, layers_pattern):

@@ -38,12 +38,20 @@ class SlotTimeoutError(RuntimeError):
 
 @dataclass
 class ModuleSlotWeights:
-    """One module's weights cast to its layer's dtype, as a slot stores them."""
+    """One module's weights cast to its layer's dtype, as a slot stores them; a lora_B bias and
+    DoRA's per-output scale g stay float32 (lora_ext/model/row_epilogue.py)."""
 
     lora_a: torch.Tensor    # (rank, d_in)
     lora_b_t: torch.Tensor  # (rank, d_out): B transposed, as the rank-major slot stores it
     rank: int
     scaling: float
+    lora_bias: torch.Tensor = None   # (d_out,) lora_bias=True
+    dora_scale: torch.Tensor = None  # (d_out,) DoRA: g = m / ||W + scaling B A||
+
+    @property
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.lora_a, self.lora_b_t, self.lora_bias, self.dora_scale)
+                   if t is not None)
 
 
 @dataclass
@@ -55,8 +63,7 @@ class AdapterSlotWeights:
 
     @property
     def nbytes(self):
-        return sum(m.lora_a.numel() * m.lora_a.element_size() + m.lora_b_t.numel() * m.lora_b_t.element_size()
-                   for m in self.modules.values())
+        return sum(m.nbytes for m in self.modules.values())
 
 
 @dataclass(frozen=True)
@@ -338,10 +345,26 @@ class AdapterStore:
             if not torch.isfinite(torch.tensor(w.scaling, dtype=layer.dtype)):
                 raise AdapterError(f"{where}: scaling {w.scaling:g} (from lora_alpha and r) overflows to infinity in "
                                    f"{layer.dtype}")
+            bias, g = self._row_extras(layer, w, where)
             if pin:
                 a, b_t = a.pin_memory(), b_t.pin_memory()
-            modules[module] = ModuleSlotWeights(a, b_t, w.rank, w.scaling)
+            modules[module] = ModuleSlotWeights(a, b_t, w.rank, w.scaling, bias, g)
         return AdapterSlotWeights(adapter.name, modules)
+
+    @staticmethod
+    def _row_extras(layer, w, where):
+        """(lora_B bias, DoRA's g) of one module, float32, or None each."""
+        bias, magnitude = getattr(w, "lora_bias", None), getattr(w, "magnitude", None)
+        if bias is None and magnitude is None:
+            return None, None
+        if layer.sharding is not None:
+            raise AdapterError(f"{where}: {'DoRA' if magnitude is not None else 'a lora_B bias'} on a tensor-parallel "
+                               "layer is not supported yet")
+        if bias is not None:
+            bias = bias.detach().float().contiguous()
+        if magnitude is not None:
+            magnitude = layer.dora_scale(w.lora_a, w.lora_b, w.scaling, magnitude, where)
+        return bias, magnitude
 
     def _host_weights(self, name):
         """The adapter's slot weights: a trainable adapter's current weights cast to the layers'

@@ -15,12 +15,14 @@ _current_batch = contextvars.ContextVar("lora_ext_batch", default=None)
 class BatchRows:
     training = False  # TrainBatch: a training forward (lora_ext/model/train_batch.py)
 
-    def __init__(self, owner, row_slots, num_slots, any_adapter=True):
+    def __init__(self, owner, row_slots, num_slots, any_adapter=True, slots=frozenset()):
         self.owner = owner
         self.row_slots = row_slots  # (B,) int64 on the layers' device, -1 = base model
         self.num_slots = num_slots
         self.any_adapter = any_adapter  # False: every row uses the base model, layers skip the ops
+        self.slots = slots  # the slots the batch's rows use
         self._per_size = {}
+        self._table_rows = {}
 
     def slots_and_plan(self, tokens):
         """(slot_ids, plan) for a layer input of `tokens` rows, batch-major. When the model repeats
@@ -37,6 +39,14 @@ class BatchRows:
         cached = (slot_ids, ops.build_plan(slot_ids, self.num_slots))
         self._per_size[tokens] = cached
         return cached
+
+    def table_rows(self, slot_ids):
+        """slot_ids + 1: each token row's row in per-slot tables whose row 0 is for base rows
+        (lora_ext/model/row_epilogue.py); once per input size."""
+        rows = self._table_rows.get(slot_ids.numel())
+        if rows is None:
+            rows = self._table_rows[slot_ids.numel()] = slot_ids + 1
+        return rows
 
 
 @contextmanager

@@ -4,7 +4,9 @@ import torch
 from torch.nn.modules import module as nn_module
 
 from lora_ext import ops
+from lora_ext.adapters.config import AdapterError
 from lora_ext.model.batch import current_batch
+from lora_ext.model.row_epilogue import RowEpilogue, dora_scale
 from lora_ext.model.targets import is_conv1d
 
 
@@ -13,7 +15,8 @@ class LoraLayer(torch.nn.Module):
 
     Buffers, preallocated once: lora_a (S, R, d_in), lora_b stored rank-major (S, R, d_out) and
     seen by the ops as its (S, d_out, R) transpose, scales (S,) and ranks (S,). A slot that an
-    adapter does not target in this layer has rank 0 and adds nothing.
+    adapter does not target in this layer has rank 0 and adds nothing. `epilogue` holds DoRA's
+    scale and lora_B's bias per slot (lora_ext/model/row_epilogue.py).
     """
 
     def __init__(self, base_layer, module_name, max_adapters, max_rank, owner, sharding=None):
@@ -37,6 +40,8 @@ class LoraLayer(torch.nn.Module):
                              persistent=False)
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=weight.device),
                              persistent=False)
+        self.epilogue = RowEpilogue(max_adapters, self.out_features, weight.device)
+        self.merge_backup = None  # (weight, bias) as they were before merge_adapter changed them
         self._owner = owner
         self._base_is_linear = type(base_layer) is torch.nn.Linear
         self._cache_op_args()
@@ -46,6 +51,23 @@ class LoraLayer(torch.nn.Module):
         parallelism (a view: writing it writes the model's weight)."""
         weight = self.base_layer.weight
         return weight if self.sharding is None else weight.to_local()
+
+    def unmerged_weight(self):
+        """The base weight without any merged adapter (what DoRA's norm is taken of)."""
+        return self.local_weight() if self.merge_backup is None else self.merge_backup[0]
+
+    def local_bias(self):
+        """The base bias this process holds (None without one)."""
+        bias = self.base_layer.bias
+        return bias if bias is None or self.sharding is None else bias.to_local()
+
+    def unmerged_bias(self):
+        """The base bias without any merged lora_B bias."""
+        return self.local_bias() if self.merge_backup is None else self.merge_backup[1]
+
+    def dora_scale(self, lora_a, lora_b, scaling, magnitude, where):
+        """DoRA's g = m / ||W + scaling B A|| per output feature for this layer's unmerged weight."""
+        return dora_scale(self.unmerged_weight(), self.is_conv1d, lora_a, lora_b, scaling, magnitude, where)
 
     def shard(self, lora_a, lora_b):
         """This rank's part of an adapter module's (A (r, d_in), B (d_out, r)) as files hold them."""
@@ -66,6 +88,7 @@ class LoraLayer(torch.nn.Module):
 
     def write_slot(self, slot, weights, non_blocking=False):
         """Puts one adapter's prepared weights (or None: not targeted here) into `slot`."""
+        self.epilogue.write(slot, weights, self.unmerged_bias(), non_blocking=non_blocking)
         if weights is None:
             self.ranks[slot] = 0
             self.scales[slot] = 0.0
@@ -76,10 +99,21 @@ class LoraLayer(torch.nn.Module):
         self.scales[slot] = weights.scaling
         self.ranks[slot] = rank
 
-    def delta_weight(self, weights):
-        """scaling * B @ A in float32, shaped like the base weight (for merging)."""
-        delta = weights.scaling * (weights.lora_b_t.float().T @ weights.lora_a.float())  # (out, in)
-        return delta.T if self.is_conv1d else delta
+    def merged(self, weights, where):
+        """(weight, bias) in float32 with the adapter `weights` merged, as PEFT merges: W + c B A,
+        times DoRA's g per output feature; the bias plus c b for a lora_B bias (None: unchanged)."""
+        weight = self.local_weight()
+        delta = weights.scaling * (weights.lora_b_t.float().T @ weights.lora_a.float()).to(weight.device)
+        new = weight.float() + (delta.T if self.is_conv1d else delta)
+        if weights.dora_scale is not None:
+            g = weights.dora_scale.to(weight.device)
+            new = new * (g[None, :] if self.is_conv1d else g[:, None])
+        if weights.lora_bias is None:
+            return new, None
+        bias = self.base_layer.bias
+        if bias is None:
+            raise AdapterError(f"{where}: its lora_B bias cannot be merged: the base layer has no bias")
+        return new, bias.float() + weights.scaling * weights.lora_bias.float().to(bias.device)
 
     def forward(self, x, *args, **kwargs):
         batch = current_batch(self._owner)
@@ -101,6 +135,12 @@ class LoraLayer(torch.nn.Module):
         slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
         if batch.training:
             return self._train_forward(batch, x, weight, bias, plain, run_base, slot_ids, plan)
+        out = self._serve_forward(x, weight, bias, plain, run_base, slot_ids, plan)
+        if self.epilogue.applies_to(batch):
+            out = self.epilogue(out, batch.table_rows(slot_ids))
+        return out
+
+    def _serve_forward(self, x, weight, bias, plain, run_base, slot_ids, plan):
         rows = x.reshape(-1, self.in_features)
         lora_a, lora_b, scales, ranks = self._op_args
         if plain and rows.dtype == lora_a.dtype == weight.dtype:

@@ -165,7 +165,8 @@ class MultiLoraModel(TrainingMixin):
             self.store.wait_for_copies(slots.values())
             row_slots = torch.tensor([slots[n] if n is not None else -1 for n in names], dtype=torch.long,
                                      device=self._device())
-            rows = BatchRows(self, row_slots, self.max_adapters, any_adapter=bool(distinct))
+            rows = BatchRows(self, row_slots, self.max_adapters, any_adapter=bool(distinct),
+                             slots=frozenset(slots.values()))
             with torch.no_grad(), active_batch(rows):
                 yield
         finally:
@@ -203,15 +204,22 @@ class MultiLoraModel(TrainingMixin):
             for module, module_weights in weights.modules.items():
                 layer = self.layers[module]
                 base = layer.local_weight()
-                new = (base.float() + layer.delta_weight(module_weights).to(base.device)).to(base.dtype)
-                if not torch.isfinite(new).all():
-                    raise AdapterError(f"adapter {name!r}: merging into module {module!r} overflows {base.dtype}")
-                merged_weights[module] = new
-            for module, new in merged_weights.items():
-                base = self.layers[module].local_weight()
-                self._merge_backup[module] = base.detach().clone()
+                new_weight, new_bias = layer.merged(module_weights, f"adapter {name!r}: module {module!r}")
+                for what, new, dtype in (("weight", new_weight, base.dtype), ("bias", new_bias, base.dtype)):
+                    if new is not None and not torch.isfinite(new.to(dtype)).all():
+                        raise AdapterError(f"adapter {name!r}: merging into module {module!r} overflows its "
+                                           f"{what} in {dtype}")
+                merged_weights[module] = (new_weight.to(base.dtype),
+                                          None if new_bias is None else new_bias.to(layer.base_layer.bias.dtype))
+            for module, (new_weight, new_bias) in merged_weights.items():
+                layer = self.layers[module]
+                base, bias = layer.local_weight(), layer.local_bias()
+                layer.merge_backup = (base.detach().clone(), None if bias is None else bias.detach().clone())
+                self._merge_backup[module] = layer.merge_backup
                 with torch.no_grad():
-                    base.copy_(new)
+                    base.copy_(new_weight)
+                    if new_bias is not None:
+                        bias.copy_(new_bias)
             self._merged = name
         logger.info("merged adapter %r into %d modules", name, len(weights.modules))
 
@@ -220,9 +228,13 @@ class MultiLoraModel(TrainingMixin):
         with self._lock:
             if self._merged is None:
                 raise ValueError("lora_ext: no adapter is merged")
-            for module, original in self._merge_backup.items():
+            for module, (weight, bias) in self._merge_backup.items():
+                layer = self.layers[module]
                 with torch.no_grad():
-                    self.layers[module].local_weight().copy_(original)
+                    layer.local_weight().copy_(weight)
+                    if bias is not None:
+                        layer.local_bias().copy_(bias)
+                layer.merge_backup = None
             self._merge_backup.clear()
             self._merged = None
 

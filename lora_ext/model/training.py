@@ -38,6 +38,14 @@ def config_fields(config):
     return {k: plain(v) for k, v in fields.items()}
 
 
+def _refuse_untrainable(name, config):
+    """Adapters lora_ext serves but does not train yet."""
+    for field, what in (("use_dora", "DoRA"), ("lora_bias", "a lora_B bias (lora_bias=true)")):
+        if getattr(config, field):
+            raise AdapterError(f"adapter {name!r}: training adapters with {what} is not implemented yet; load it "
+                               "without trainable=True to serve it")
+
+
 class TrainingMixin:
     """add_adapter, trainable load_adapter, adapter_parameters, train / eval, save_adapter."""
 
@@ -53,6 +61,7 @@ class TrainingMixin:
         self._check_patched()
         self._check_new_name(name)
         parsed = parse_config(name, config_fields(config), "the config given to add_adapter")
+        _refuse_untrainable(name, parsed)
         modules = modules_targeted_by(parsed, list(self.layers))
         if not modules:
             raise AdapterError(f"adapter {name!r}: target_modules={parsed.target_modules!r} targets none of the "
@@ -62,6 +71,7 @@ class TrainingMixin:
     def _load_trainable(self, name, path, allow_pickle):
         adapter = read_peft_adapter(name, path, allow_pickle=allow_pickle, max_rank=self.max_rank,
                                     modules={m: layer.full_shape for m, layer in self.layers.items()})
+        _refuse_untrainable(name, adapter.config)
         self.store.register_trainable(adapter_from_weights(name, adapter.config, adapter.modules, self.layers), path)
 
     def adapter_parameters(self, name):

@@ -1,0 +1,248 @@
+"""DoRA and lora_B biases (PEFT's use_dora and lora_bias) mixed row by row with plain adapters and
+base rows, against PEFT run adapter by adapter (PEFT cannot mix DoRA rows in one batch): logits,
+greedy and beam generation, bfloat16 error, eviction and reload, merge and unmerge; and the
+inputs that are refused."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import lora_ext
+from lora_ext.model.row_epilogue import RowEpilogue
+from tiny_models import build_model, save_adapter
+
+pytest.importorskip("peft")
+from peft import PeftModel  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FP32_RTOL = 1e-5  # float32 logits, relative to the largest logit of the rows compared
+# rows unsorted, two of each adapter, base rows between them
+NAMES = ["dora", "__base__", "biased", "plain", "dora", "biased", "__base__", "plain"]
+# per architecture: {name: PEFT config}; lora_bias needs a base bias (Qwen2's q/k/v, GPT-2), so
+# Llama's "biased" is a second DoRA adapter (rsLoRA, every linear layer)
+ADAPTERS = {
+    "llama": dict(dora=dict(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+                  plain=dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"]),
+                  biased=dict(r=4, lora_alpha=4, use_dora=True, use_rslora=True, target_modules="all-linear")),
+    "qwen2": dict(dora=dict(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "k_proj", "o_proj"]),
+                  biased=dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"]),
+                  plain=dict(r=4, lora_alpha=8, target_modules=["v_proj", "down_proj"])),
+    "gpt2": dict(dora=dict(r=8, lora_alpha=16, use_dora=True, target_modules=["c_attn", "c_fc"]),
+                 biased=dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["c_attn", "mlp.c_proj"]),
+                 plain=dict(r=4, lora_alpha=8, target_modules=["c_attn"])),
+}
+
+
+@pytest.fixture(scope="module", params=list(ADAPTERS))
+def arch_paths(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    paths = {name: save_adapter(request.param, str(root / name), seed=30 + i, **config)
+             for i, (name, config) in enumerate(ADAPTERS[request.param].items())}
+    return request.param, paths
+
+
+def batch(device, rows=len(NAMES), length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on a row or two
+    mask[min(5, rows - 1), :2] = 0
+    ids[mask == 0] = 0
+    return ids.to(device), mask.to(device)
+
+
+def ours(arch, paths, dtype=torch.float32, device="cpu", max_adapters=4):
+    mm = lora_ext.patch_model(build_model(arch, dtype).to(device), max_adapters=max_adapters, max_rank=16)
+    for name, path in paths.items():
+        mm.load_adapter(name, path)
+    return mm
+
+
+def peft_alone(arch, path, dtype=torch.float32, device="cpu"):
+    """PEFT with this one adapter (its rows are run without the others)."""
+    return PeftModel.from_pretrained(build_model(arch, dtype).to(device), path).eval()
+
+
+def rows_of(name, names=NAMES):
+    return [i for i, n in enumerate(names) if n == name]
+
+
+def expected_logits(arch, paths, ids, mask, names=NAMES, dtype=torch.float32, device="cpu"):
+    """Each row's logits as PEFT gives them with the row's adapter alone (the base model for base rows)."""
+    out = None
+    with torch.no_grad():
+        for name in dict.fromkeys(names):
+            model = build_model(arch, dtype).to(device) if name == "__base__" else peft_alone(arch, paths[name], dtype,
+                                                                                               device)
+            rows = rows_of(name, names)
+            logits = model(input_ids=ids[rows], attention_mask=mask[rows]).logits
+            out = torch.empty((len(names),) + logits.shape[1:], dtype=logits.dtype, device=device) if out is None else out
+            out[rows] = logits
+    return out
+
+
+def relative_error(got, expected):
+    return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def assert_rows_close(got, expected, rtol, names=NAMES):
+    for name in dict.fromkeys(names):
+        rows = rows_of(name, names)
+        error = relative_error(got[rows], expected[rows])
+        assert error <= rtol, f"rows of {name!r}: relative error {error:.3g} > {rtol:g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_logits_match_peft_adapter_by_adapter(arch_paths, device):
+    arch, paths = arch_paths
+    ids, mask = batch(device)
+    expected = expected_logits(arch, paths, ids, mask, device=device)
+    got = ours(arch, paths, device=device)(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    assert_rows_close(got, expected, FP32_RTOL)
+    base = build_model(arch).to(device)(input_ids=ids, attention_mask=mask).logits
+    for name in ("dora", "biased"):
+        assert relative_error(expected[rows_of(name)], base[rows_of(name)]) > 100 * FP32_RTOL, name
+
+
+def test_the_check_fails_without_the_epilogue(arch_paths, monkeypatch):
+    """A layer that drops DoRA's scale and the lora_B bias fails the comparison above by far."""
+    arch, paths = arch_paths
+    ids, mask = batch("cpu")
+    expected = expected_logits(arch, paths, ids, mask)
+    monkeypatch.setattr(RowEpilogue, "forward", lambda self, out, index: out)
+    got = ours(arch, paths)(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    for name in ("dora", "biased"):
+        assert relative_error(got[rows_of(name)], expected[rows_of(name)]) > 100 * FP32_RTOL, name
+    for name in ("plain", "__base__"):  # unaffected
+        assert relative_error(got[rows_of(name)], expected[rows_of(name)]) <= FP32_RTOL, name
+
+
+@pytest.mark.parametrize("generation", [dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=3)],
+                         ids=["greedy", "beams"])
+def test_generation_matches_peft_adapter_by_adapter(arch_paths, generation):
+    arch, paths = arch_paths
+    ids, mask = batch("cpu")
+    got = ours(arch, paths).generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, do_sample=False,
+                                     **generation)
+    for name in dict.fromkeys(NAMES):
+        rows = rows_of(name)
+        model = build_model(arch) if name == "__base__" else peft_alone(arch, paths[name])
+        with torch.no_grad():
+            expected = model.generate(input_ids=ids[rows], attention_mask=mask[rows], do_sample=False, **generation)
+        assert torch.equal(got[rows], expected), name
+
+
+# (arch, adapter) whose bfloat16 rows miss the target, and why (reported in the README): lora_ext
+# stores adapter weights in the model's dtype, PEFT keeps them float32; for this all-linear DoRA
+# adapter with large deltas, rounding A and B to bfloat16 alone (float32 math) costs 1.8x PEFT's
+# bfloat16 error, and lora_ext's rows measure 2.9x.
+BF16_KNOWN_MISSES = {("llama", "biased")}
+
+
+@pytest.mark.parametrize("name", ["dora", "biased", "plain", "__base__"])
+def test_bfloat16_within_twice_peft_error(arch_paths, name, request):
+    arch, paths = arch_paths
+    if (arch, name) in BF16_KNOWN_MISSES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="bfloat16 adapter storage; see BF16_KNOWN_MISSES"))
+    ids, mask = batch("cpu")
+    reference = expected_logits(arch, paths, ids, mask)
+    peft_bf16 = expected_logits(arch, paths, ids, mask, dtype=torch.bfloat16).float()
+    got = ours(arch, paths, dtype=torch.bfloat16)(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    rows = rows_of(name)
+    ours_error = relative_error(got[rows].float(), reference[rows])
+    peft_error = relative_error(peft_bf16[rows], reference[rows])
+    assert ours_error <= 2 * peft_error, f"{name}: {ours_error:.3g} > 2 x PEFT's {peft_error:.3g}"
+
+
+def test_eviction_and_reload_under_churn(arch_paths):
+    """Two slots for three adapters: every kind is evicted and brought back, its scale and bias
+    tables with it; a slot's tables are reset when a plain adapter takes it."""
+    arch, paths = arch_paths
+    mm = ours(arch, paths, max_adapters=2)
+    ids, mask = batch("cpu", rows=2, seed=3)
+    cache = {}
+    for pair in (["dora", "biased"], ["plain", "dora"], ["biased", "plain"], ["dora", "__base__"],
+                 ["plain", "biased"], ["dora", "plain"]):
+        key = tuple(pair)
+        if key not in cache:
+            cache[key] = expected_logits(arch, paths, ids, mask, names=pair)
+        got = mm(input_ids=ids, attention_mask=mask, adapter_names=pair).logits
+        assert_rows_close(got, cache[key], FP32_RTOL, names=pair)
+    assert mm.stats()["slot_evictions"] >= 4
+
+
+def test_merge_and_unmerge(arch_paths):
+    """Merged as PEFT merges (W' = g (W + c B A); bias + c b), served through the base weights;
+    unmerge restores weights and biases bitwise."""
+    arch, paths = arch_paths
+    mm = ours(arch, paths)
+    ids, mask = batch("cpu", rows=2, seed=4)
+    before = {n: p.detach().clone() for n, p in mm.model.named_parameters()}
+    for name in ("dora", "biased"):
+        expected = expected_logits(arch, paths, ids, mask, names=[name, name])
+        mm.merge_adapter(name)
+        merged = mm(input_ids=ids, attention_mask=mask, adapter_names=[name, name]).logits
+        assert relative_error(merged, expected) <= 1e-4, name  # merged weights are rounded once more
+        mm.unmerge_adapter()
+        assert all(torch.equal(p, before[n]) for n, p in mm.model.named_parameters()), name
+        assert_rows_close(mm(input_ids=ids, attention_mask=mask, adapter_names=[name, name]).logits, expected,
+                          FP32_RTOL, names=[name, name])
+
+
+def test_adapter_loaded_while_another_is_merged_uses_the_unmerged_weights(arch_paths):
+    """DoRA's norm is of the base weight without the merged adapter."""
+    arch, paths = arch_paths
+    mm = ours(arch, {"plain": paths["plain"]})
+    mm.merge_adapter("plain")
+    mm.load_adapter("dora", paths["dora"])
+    mm.unmerge_adapter()
+    ids, mask = batch("cpu", rows=2, seed=5)
+    assert_rows_close(mm(input_ids=ids, attention_mask=mask, adapter_names=["dora", "dora"]).logits,
+                      expected_logits(arch, paths, ids, mask, names=["dora", "dora"]), FP32_RTOL,
+                      names=["dora", "dora"])
+
+
+def test_stats_and_inspect_count_the_extras(arch_paths, capsys):
+    arch, paths = arch_paths
+    mm = ours(arch, paths)
+    plain_like = sum(rank * sum(mm.layers[m].full_shape) * 4 for m, rank in mm.store.record("dora").ranks.items())
+    extras = sum(mm.layers[m].out_features * 4 for m in mm.store.record("dora").ranks)
+    assert mm.store.adapter_bytes("dora") == plain_like + extras
+    from lora_ext.cli import inspect_adapter
+
+    assert inspect_adapter(paths["dora"]) == 0
+    assert "use_dora=True" in capsys.readouterr().out
+
+
+def test_training_refuses_dora_and_bias(arch_paths):
+    arch, paths = arch_paths
+    mm = ours(arch, paths)
+    with pytest.raises(lora_ext.AdapterError, match="training adapters with DoRA is not implemented"):
+        mm.load_adapter("dora_t", paths["dora"], trainable=True)
+    mm.train()
+    ids, _ = batch("cpu", rows=2)
+    with pytest.raises(ValueError, match="adapter 'dora' has DoRA or a lora_B bias"):
+        mm(input_ids=ids, adapter_names=["dora", "plain"])
+    assert "dora_t" not in mm.store
+
+
+def test_zero_norm_refused_and_nothing_registered(tmp_path):
+    """A DoRA module whose W + c B A has an all-zero output row would divide by zero."""
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    with torch.no_grad():
+        model[0].weight[2] = 0
+    mm = lora_ext.patch_model(model, target_modules=["0"], max_rank=4)
+    a, b = torch.randn(2, 6), torch.randn(5, 2)
+    b[2] = 0
+    os.makedirs(tmp_path / "z")
+    save_file({"base_model.model.0.lora_A.weight": a, "base_model.model.0.lora_B.weight": b,
+               "base_model.model.0.lora_magnitude_vector": torch.ones(5)}, str(tmp_path / "z" / "adapter_model.safetensors"))
+    (tmp_path / "z" / "adapter_config.json").write_text(json.dumps(dict(peft_type="LORA", r=2, lora_alpha=4,
+                                                                       target_modules=["0"], use_dora=True)))
+    with pytest.raises(lora_ext.AdapterError, match=r"adapter 'z': module '0': DoRA's scale .* NaN or infinite for 1"):
+        mm.load_adapter("z", str(tmp_path / "z"))
+    assert mm.adapters() == []
