@@ -11,10 +11,11 @@ import torch
 
 import lora_ext
 from lora_ext.model.row_epilogue import RowEpilogue
+import peft_oracle as oracle
+from peft_oracle import relative_error
 from tiny_models import build_model, save_adapter
 
 pytest.importorskip("peft")
-from peft import PeftModel  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FP32_RTOL = 1e-5  # float32 logits, relative to the largest logit of the rows compared
@@ -44,13 +45,7 @@ def arch_paths(request, tmp_path_factory):
 
 
 def batch(device, rows=len(NAMES), length=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (rows, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding on a row or two
-    mask[min(5, rows - 1), :2] = 0
-    ids[mask == 0] = 0
-    return ids.to(device), mask.to(device)
+    return oracle.batch(device, rows, length, seed)
 
 
 def ours(arch, paths, dtype=torch.float32, device="cpu", max_adapters=4):
@@ -60,38 +55,16 @@ def ours(arch, paths, dtype=torch.float32, device="cpu", max_adapters=4):
     return mm
 
 
-def peft_alone(arch, path, dtype=torch.float32, device="cpu"):
-    """PEFT with this one adapter (its rows are run without the others)."""
-    return PeftModel.from_pretrained(build_model(arch, dtype).to(device), path).eval()
-
-
 def rows_of(name, names=NAMES):
-    return [i for i, n in enumerate(names) if n == name]
+    return oracle.rows_of(name, names)
 
 
 def expected_logits(arch, paths, ids, mask, names=NAMES, dtype=torch.float32, device="cpu"):
-    """Each row's logits as PEFT gives them with the row's adapter alone (the base model for base rows)."""
-    out = None
-    with torch.no_grad():
-        for name in dict.fromkeys(names):
-            model = build_model(arch, dtype).to(device) if name == "__base__" else peft_alone(arch, paths[name], dtype,
-                                                                                               device)
-            rows = rows_of(name, names)
-            logits = model(input_ids=ids[rows], attention_mask=mask[rows]).logits
-            out = torch.empty((len(names),) + logits.shape[1:], dtype=logits.dtype, device=device) if out is None else out
-            out[rows] = logits
-    return out
-
-
-def relative_error(got, expected):
-    return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+    return oracle.expected_logits(arch, paths, ids, mask, names, dtype, device)
 
 
 def assert_rows_close(got, expected, rtol, names=NAMES):
-    for name in dict.fromkeys(names):
-        rows = rows_of(name, names)
-        error = relative_error(got[rows], expected[rows])
-        assert error <= rtol, f"rows of {name!r}: relative error {error:.3g} > {rtol:g}"
+    oracle.assert_rows_close(got, expected, rtol, names)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -126,12 +99,8 @@ def test_generation_matches_peft_adapter_by_adapter(arch_paths, generation):
     ids, mask = batch("cpu")
     got = ours(arch, paths).generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, do_sample=False,
                                      **generation)
-    for name in dict.fromkeys(NAMES):
-        rows = rows_of(name)
-        model = build_model(arch) if name == "__base__" else peft_alone(arch, paths[name])
-        with torch.no_grad():
-            expected = model.generate(input_ids=ids[rows], attention_mask=mask[rows], do_sample=False, **generation)
-        assert torch.equal(got[rows], expected), name
+    for name, expected in oracle.expected_generation(arch, paths, ids, mask, NAMES, **generation).items():
+        assert torch.equal(got[rows_of(name)], expected), name
 
 
 # (arch, adapter) whose bfloat16 rows miss the target, and why (reported in the README): lora_ext

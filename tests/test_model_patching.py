@@ -227,8 +227,9 @@ def test_adapter_for_unpatched_modules_refused(llama_paths):
 
 
 def test_unsupported_layer_type_refused():
-    with pytest.raises(ValueError, match="'model.embed_tokens' is a Embedding; only torch.nn.Linear"):
-        lora_ext.patch_model(build_model("llama"), target_modules=["embed_tokens"])
+    with pytest.raises(ValueError, match="'model.norm' is a LlamaRMSNorm; only torch.nn.Linear, transformers Conv1D "
+                                         "and torch.nn.Embedding"):
+        lora_ext.patch_model(build_model("llama"), target_modules=["norm"])
 
 
 @pytest.mark.parametrize("feature,config", [
@@ -241,13 +242,6 @@ def test_unsupported_peft_features_refused(tmp_path, feature, config):
     with pytest.raises(lora_ext.AdapterError, match=rf"adapter 'bad'.*{feature}"):
         mm.load_adapter("bad", path)
     assert mm.adapters() == []
-
-
-def test_embedding_adapter_refused(tmp_path):
-    path = save_adapter("llama", str(tmp_path / "a"), r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
-    mm = lora_ext.patch_model(build_model("llama"), max_rank=16)
-    with pytest.raises(lora_ext.AdapterError, match="embedding adapters are not supported"):
-        mm.load_adapter("emb", path)
 
 
 def test_use_after_unpatch_refused(llama_paths):

@@ -25,11 +25,16 @@ from lora_ext.adapters.config import (CONFIG_FILE, AdapterConfig, AdapterError, 
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_HEADER_BYTES = 100 << 20
-# lora_A / lora_B weights, lora_B's bias (lora_bias=True) and DoRA's magnitude vector; an optional
-# adapter-name segment (".default") as PEFT's in-memory state dicts have
+# lora_A / lora_B weights (lora_embedding_A / _B on an embedding), lora_B's bias (lora_bias=True),
+# DoRA's magnitude vector, and the copy of an embedding's base weight that PEFT saves with an
+# embedding adapter (save_embedding_layers); an optional adapter-name segment (".default") as PEFT's
+# in-memory state dicts have
 _KEYS = {
-    "A": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_A(?:\.[^.]+)?\.weight$"),
-    "B": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_B(?:\.[^.]+)?\.weight$"),
+    "A": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:lora_A(?:\.[^.]+)?\.weight"
+                    r"|lora_embedding_A(?:\.[^.]+)?)$"),
+    "B": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?:lora_B(?:\.[^.]+)?\.weight"
+                    r"|lora_embedding_B(?:\.[^.]+)?)$"),
+    "base_copy": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.base_layer\.weight$"),
     "bias": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_B(?:\.[^.]+)?\.bias$"),
     "magnitude": re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_magnitude_vector(?:\.[^.]+)?"
                             r"(?:\.weight)?$"),
@@ -53,6 +58,7 @@ class ModuleWeights:
     scaling: float
     lora_bias: torch.Tensor = None
     magnitude: torch.Tensor = None
+    base_copy: torch.Tensor = None  # the base weight as saved with the adapter (checked, not kept)
 
     @property
     def nbytes(self):
@@ -259,7 +265,8 @@ def _module_problem(pair, entries, rank, layer, max_rank):
     return ""
 
 
-_NAMES = {"A": "lora_A", "B": "lora_B", "bias": "lora_B bias", "magnitude": "lora_magnitude_vector"}
+_NAMES = {"A": "lora_A", "B": "lora_B", "bias": "lora_B bias", "magnitude": "lora_magnitude_vector",
+          "base_copy": "base_layer weight"}
 
 
 def _extras_problem(pair, entries, config):
@@ -277,12 +284,14 @@ def _extras_problem(pair, entries, config):
                 return f": {_NAMES[which]} must be floating point, not {entry.dtype}"
             if entry.shape != (d_out,):
                 return f": {_NAMES[which]} has shape {entry.shape}, not ({d_out},) (one value per output of lora_B)"
+    if "base_copy" in pair:
+        entry, d_in = entries[pair["base_copy"][0]], entries[pair["A"][0]].shape[1]
+        if entry.torch_dtype is None or len(entry.shape) != 2 or sorted(entry.shape) != sorted((d_in, d_out)):
+            return f": base_layer weight {entry.dtype} {entry.shape} does not fit lora_A / lora_B ({d_in} -> {d_out})"
     return ""
 
 
 def _describe_key(key):
-    if "lora_embedding" in key:
-        return "embedding adapters are not supported"
     if key.endswith(".bias"):
         return "biases other than lora_B's are not supported"
     if "modules_to_save" in key:
@@ -299,7 +308,7 @@ def check_module(name, module, read, rank, config):
         if not finite.all():
             raise AdapterError(f"{where}: {_NAMES[which]} holds {int((~finite).sum())} NaN or infinite values")
     return ModuleWeights(module, read["A"], read["B"], rank, config.scaling(module), lora_bias=read.get("bias"),
-                         magnitude=read.get("magnitude"))
+                         magnitude=read.get("magnitude"), base_copy=read.get("base_copy"))
 
 
 def layer_index(module, layers_pattern):

@@ -345,6 +345,8 @@ class AdapterStore:
             if not torch.isfinite(torch.tensor(w.scaling, dtype=layer.dtype)):
                 raise AdapterError(f"{where}: scaling {w.scaling:g} (from lora_alpha and r) overflows to infinity in "
                                    f"{layer.dtype}")
+            if getattr(w, "base_copy", None) is not None:
+                layer.check_base_copy(w.base_copy, where)
             bias, g = self._row_extras(layer, w, where)
             if pin:
                 a, b_t = a.pin_memory(), b_t.pin_memory()
@@ -357,9 +359,10 @@ class AdapterStore:
         bias, magnitude = getattr(w, "lora_bias", None), getattr(w, "magnitude", None)
         if bias is None and magnitude is None:
             return None, None
-        if layer.sharding is not None:
-            raise AdapterError(f"{where}: {'DoRA' if magnitude is not None else 'a lora_B bias'} on a tensor-parallel "
-                               "layer is not supported yet")
+        what = 'DoRA' if magnitude is not None else 'a lora_B bias'
+        if layer.sharding is not None or layer.is_embedding:
+            raise AdapterError(f"{where}: {what} on {'a tensor-parallel' if layer.sharding else 'an embedding'} layer "
+                               "is not supported yet")
         if bias is not None:
             bias = bias.detach().float().contiguous()
         if magnitude is not None:

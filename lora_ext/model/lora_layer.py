@@ -1,4 +1,5 @@
-"""A linear layer with device slots for many adapters: base output plus each row's LoRA delta."""
+"""A linear (or embedding) layer with device slots for many adapters: base output plus each row's
+LoRA delta."""
 
 import torch
 from torch.nn.modules import module as nn_module
@@ -11,7 +12,9 @@ from lora_ext.model.targets import is_conv1d
 
 
 class LoraLayer(torch.nn.Module):
-    """Wraps a torch.nn.Linear or transformers Conv1D (the base layer is kept, not copied).
+    """Wraps a torch.nn.Linear, transformers Conv1D or torch.nn.Embedding (the base layer is kept,
+    not copied). An embedding's adapter (PEFT's lora_embedding_A (r, num_embeddings) and _B
+    (dim, r)) is held as a linear one from num_embeddings to dim: row t adds c B A[:, token_t].
 
     Buffers, preallocated once: lora_a (S, R, d_in), lora_b stored rank-major (S, R, d_out) and
     seen by the ops as its (S, d_out, R) transpose, scales (S,) and ranks (S,). A slot that an
@@ -24,11 +27,16 @@ class LoraLayer(torch.nn.Module):
         self.base_layer = base_layer
         self.module_name = module_name
         self.is_conv1d = is_conv1d(base_layer)
+        self.is_embedding = isinstance(base_layer, torch.nn.Embedding)
+        # Linear stores its weight (out, in); Conv1D (GPT-2) and Embedding store it (in, out)
+        self.weight_in_out = self.is_conv1d or self.is_embedding
+        if self.is_embedding and base_layer.max_norm is not None:
+            raise ValueError(f"lora_ext: embedding {module_name!r} has max_norm={base_layer.max_norm}, which rescales "
+                             "its weight in place at every lookup; lora_ext does not patch it")
         self.sharding = sharding  # tensor parallelism: how the base layer is split over ranks (or None)
         weight = self.local_weight()
-        # Linear stores its weight (out, in); Conv1D (GPT-2) stores it (in, out). in_features and
-        # out_features are this rank's (what the slots hold); full_shape is the whole layer's.
-        self.in_features, self.out_features = weight.shape if self.is_conv1d else weight.shape[::-1]
+        # in_features and out_features are this rank's (what the slots hold); full_shape is the whole layer's
+        self.in_features, self.out_features = weight.shape if self.weight_in_out else weight.shape[::-1]
         self.full_shape = ((sharding.full_in, sharding.full_out) if sharding is not None
                            else (self.in_features, self.out_features))
         float_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
@@ -40,6 +48,9 @@ class LoraLayer(torch.nn.Module):
                              persistent=False)
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=weight.device),
                              persistent=False)
+        if self.is_embedding:  # (S, R, R) identities: an embedding adapter's shrink
+            self.register_buffer("identity", torch.eye(max_rank, **opts).expand(max_adapters, max_rank, max_rank)
+                                 .contiguous(), persistent=False)
         self.epilogue = RowEpilogue(max_adapters, self.out_features, weight.device)
         self.merge_backup = None  # (weight, bias) as they were before merge_adapter changed them
         self._owner = owner
@@ -58,7 +69,7 @@ class LoraLayer(torch.nn.Module):
 
     def local_bias(self):
         """The base bias this process holds (None without one)."""
-        bias = self.base_layer.bias
+        bias = getattr(self.base_layer, "bias", None)  # an embedding has none
         return bias if bias is None or self.sharding is None else bias.to_local()
 
     def unmerged_bias(self):
@@ -67,7 +78,16 @@ class LoraLayer(torch.nn.Module):
 
     def dora_scale(self, lora_a, lora_b, scaling, magnitude, where):
         """DoRA's g = m / ||W + scaling B A|| per output feature for this layer's unmerged weight."""
-        return dora_scale(self.unmerged_weight(), self.is_conv1d, lora_a, lora_b, scaling, magnitude, where)
+        return dora_scale(self.unmerged_weight(), self.weight_in_out, lora_a, lora_b, scaling, magnitude, where)
+
+    def check_base_copy(self, weight, where):
+        """PEFT saves an embedding adapter with a copy of the embedding's base weight; lora_ext
+        serves every adapter on the one base weight, so the copy must equal it."""
+        base = self.unmerged_weight()
+        if weight.shape != base.shape or not torch.equal(weight.to(device=base.device, dtype=base.dtype), base):
+            raise AdapterError(f"{where}: the adapter carries its own base_layer weight {tuple(weight.shape)}, which "
+                               "differs from the model's (for example a resized or retrained vocabulary); lora_ext "
+                               "serves adapters on the model's own base weights")
 
     def shard(self, lora_a, lora_b):
         """This rank's part of an adapter module's (A (r, d_in), B (d_out, r)) as files hold them."""
@@ -104,13 +124,13 @@ class LoraLayer(torch.nn.Module):
         times DoRA's g per output feature; the bias plus c b for a lora_B bias (None: unchanged)."""
         weight = self.local_weight()
         delta = weights.scaling * (weights.lora_b_t.float().T @ weights.lora_a.float()).to(weight.device)
-        new = weight.float() + (delta.T if self.is_conv1d else delta)
+        new = weight.float() + (delta.T if self.weight_in_out else delta)
         if weights.dora_scale is not None:
             g = weights.dora_scale.to(weight.device)
-            new = new * (g[None, :] if self.is_conv1d else g[:, None])
+            new = new * (g[None, :] if self.weight_in_out else g[:, None])
         if weights.lora_bias is None:
             return new, None
-        bias = self.base_layer.bias
+        bias = self.local_bias()
         if bias is None:
             raise AdapterError(f"{where}: its lora_B bias cannot be merged: the base layer has no bias")
         return new, bias.float() + weights.scaling * weights.lora_bias.float().to(bias.device)
@@ -122,6 +142,8 @@ class LoraLayer(torch.nn.Module):
         base = self._modules["base_layer"]
         if batch is None or not batch.any_adapter:
             return base(x, *args, **kwargs)
+        if self.is_embedding:
+            return self._embedding_forward(batch, base, x)
         if self.sharding is not None:  # nn.Linear: no args or kwargs
             return self.sharding.forward(self, batch, x)
         params = base._parameters
@@ -154,6 +176,21 @@ class LoraLayer(torch.nn.Module):
             return out
         delta = ops.lora_delta(rows, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return out + delta.view(out.shape).to(out.dtype)
+
+    def _embedding_forward(self, batch, base, ids):
+        """The embeddings of `ids` plus each token's c B A[:, token], grouped by slot in the op: the
+        token's column of A (gathered) is the op's input, through an identity shrink."""
+        if batch.training:
+            raise ValueError(f"lora_ext: module {self.module_name!r}: training embedding adapters is not "
+                             "implemented yet")
+        out = base(ids)
+        tokens = ids.reshape(-1)
+        slot_ids, plan = batch.slots_and_plan(tokens.numel())
+        lora_a, lora_b, scales, ranks = self._op_args
+        a_columns = lora_a[slot_ids.clamp(min=0), :, tokens]  # (T, R)
+        ops.add_lora_(out.view(-1, self.out_features), a_columns, self._buffers["identity"], lora_b, slot_ids, scales,
+                      ranks, plan)
+        return out
 
     def _train_forward(self, batch, x, weight, bias, plain, run_base, slot_ids, plan):
         """base(x) plus each row's delta through autograd: the batch's adapters stacked from their

@@ -19,6 +19,12 @@ def is_conv1d(module):
 
 
 def is_supported_layer(module):
+    """Layers lora_ext patches when named: linear layers and embeddings."""
+    return is_linear_layer(module) or type(module) is torch.nn.Embedding
+
+
+def is_linear_layer(module):
+    """What "all-linear" patches (with the output head left out)."""
     return isinstance(module, torch.nn.Linear) or is_conv1d(module)
 
 
@@ -32,24 +38,27 @@ def find_target_modules(model, target_modules):
     """Names of the modules to patch.
 
     target_modules: a list of name suffixes, a regex matched against the full module name, or
-    "all-linear" (every nn.Linear / transformers Conv1D except the output head).
+    "all-linear" (every nn.Linear / transformers Conv1D except the output head); a list may hold
+    "all-linear" and more names (["all-linear", "embed_tokens"]).
     """
     if target_modules is None or (not isinstance(target_modules, str) and not list(target_modules)):
         raise ValueError("lora_ext: target_modules must be 'all-linear', a regex string or a non-empty list of "
                          "module name suffixes")
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    all_linear = target_modules == "all-linear" or (not isinstance(target_modules, str) and "all-linear" in target_modules)
+    if all_linear and not isinstance(target_modules, str):  # "all-linear" plus named modules (an embedding)
+        target_modules = [t for t in target_modules if t != "all-linear"]
     names = []
     for name, module in model.named_modules():
         if not name:
             continue
-        if target_modules == "all-linear":
-            if is_supported_layer(module) and module is not output_head:
-                names.append(name)
+        if all_linear and is_linear_layer(module) and module is not output_head:
+            names.append(name)
             continue
-        if _matches(name, target_modules):
+        if target_modules != "all-linear" and _matches(name, target_modules):
             if not is_supported_layer(module):
-                raise ValueError(f"lora_ext: target module {name!r} is a {type(module).__name__}; only torch.nn.Linear "
-                                 "and transformers Conv1D layers are supported")
+                raise ValueError(f"lora_ext: target module {name!r} is a {type(module).__name__}; only torch.nn.Linear, "
+                                 "transformers Conv1D and torch.nn.Embedding layers are supported")
             names.append(name)
     if not names:
         raise ValueError(f"lora_ext: target_modules={target_modules!r} matches no module of "

@@ -63,6 +63,12 @@ class TrainingMixin:
         parsed = parse_config(name, config_fields(config), "the config given to add_adapter")
         _refuse_untrainable(name, parsed)
         modules = modules_targeted_by(parsed, list(self.layers))
+        embeddings = [m for m in modules if self.layers[m].is_embedding]
+        if embeddings and parsed.target_modules == "all-linear":  # PEFT's all-linear leaves embeddings out
+            modules = [m for m in modules if m not in embeddings]
+        elif embeddings:
+            raise AdapterError(f"adapter {name!r}: training embedding adapters ({embeddings[0]!r}) is not "
+                               "implemented yet")
         if not modules:
             raise AdapterError(f"adapter {name!r}: target_modules={parsed.target_modules!r} targets none of the "
                                f"patched modules (they look like {sorted(self.layers)[:3]})")
@@ -72,6 +78,10 @@ class TrainingMixin:
         adapter = read_peft_adapter(name, path, allow_pickle=allow_pickle, max_rank=self.max_rank,
                                     modules={m: layer.full_shape for m, layer in self.layers.items()})
         _refuse_untrainable(name, adapter.config)
+        embeddings = [m for m in adapter.modules if self.layers[m].is_embedding]
+        if embeddings:
+            raise AdapterError(f"adapter {name!r}: training embedding adapters ({embeddings[0]!r}) is not implemented "
+                               "yet; load it without trainable=True to serve it")
         self.store.register_trainable(adapter_from_weights(name, adapter.config, adapter.modules, self.layers), path)
 
     def adapter_parameters(self, name):

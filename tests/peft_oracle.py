@@ -1,0 +1,66 @@
+"""PEFT as the oracle for features it cannot mix in one batch (DoRA, embedding adapters run
+adapter by adapter): each row's expected logits come from PEFT with that row's adapter alone."""
+
+import torch
+
+from tiny_models import build_model
+
+
+def batch(device, rows, length=10, seed=0):
+    """Token ids and a mask with left padding on a row or two."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1 % rows, :3] = 0
+    mask[min(5, rows - 1), :2] = 0
+    ids[mask == 0] = 0
+    return ids.to(device), mask.to(device)
+
+
+def peft_alone(arch, path, dtype=torch.float32, device="cpu"):
+    """PEFT with this one adapter (its rows are run without the others)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(build_model(arch, dtype).to(device), path).eval()
+
+
+def rows_of(name, names):
+    return [i for i, n in enumerate(names) if n == name]
+
+
+def expected_logits(arch, paths, ids, mask, names, dtype=torch.float32, device="cpu"):
+    """Each row's logits as PEFT gives them with the row's adapter alone (the base model for base rows)."""
+    out = None
+    with torch.no_grad():
+        for name in dict.fromkeys(names):
+            model = build_model(arch, dtype).to(device) if name == "__base__" else peft_alone(arch, paths[name], dtype,
+                                                                                               device)
+            rows = rows_of(name, names)
+            logits = model(input_ids=ids[rows], attention_mask=mask[rows]).logits
+            if out is None:
+                out = torch.empty((len(names),) + logits.shape[1:], dtype=logits.dtype, device=device)
+            out[rows] = logits
+    return out
+
+
+def expected_generation(arch, paths, ids, mask, names, **generation):
+    """Each row's generated tokens from PEFT with the row's adapter alone (rows of one adapter together)."""
+    out = {}
+    for name in dict.fromkeys(names):
+        rows = rows_of(name, names)
+        model = build_model(arch) if name == "__base__" else peft_alone(arch, paths[name])
+        with torch.no_grad():
+            out[name] = model.generate(input_ids=ids[rows], attention_mask=mask[rows], do_sample=False, **generation)
+    return out
+
+
+def relative_error(got, expected):
+    """max |got - expected| over the largest |expected|."""
+    return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def assert_rows_close(got, expected, rtol, names):
+    for name in dict.fromkeys(names):
+        rows = rows_of(name, names)
+        error = relative_error(got[rows], expected[rows])
+        assert error <= rtol, f"rows of {name!r}: relative error {error:.3g} > {rtol:g}"

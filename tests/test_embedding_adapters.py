@@ -1,0 +1,138 @@
+"""Embedding adapters (PEFT's lora_embedding_A / lora_embedding_B on nn.Embedding) mixed row by row
+with linear adapters and base rows, against PEFT adapter by adapter: logits, greedy generation,
+eviction and reload, merge and unmerge; and the inputs that are refused."""
+
+import pytest
+import torch
+
+import lora_ext
+import peft_oracle as oracle
+from peft_oracle import relative_error
+from tiny_models import build_model, save_adapter
+
+pytest.importorskip("peft")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FP32_RTOL = 1e-5  # float32 logits, relative to the largest logit of the rows compared
+NAMES = ["emb", "__base__", "plain", "emb_only", "emb", "plain", "__base__", "emb_only"]
+EMBEDDING = {"llama": "embed_tokens", "qwen2": "embed_tokens", "gpt2": "wte"}  # GPT-2's is tied to lm_head
+LINEAR = {"llama": "q_proj", "qwen2": "v_proj", "gpt2": "c_attn"}
+
+
+def configs(arch):
+    return dict(emb=dict(r=8, lora_alpha=16, target_modules=[LINEAR[arch], EMBEDDING[arch]]),
+                emb_only=dict(r=4, lora_alpha=4, use_rslora=True, target_modules=[EMBEDDING[arch]]),
+                plain=dict(r=4, lora_alpha=8, target_modules=[LINEAR[arch]]))
+
+
+@pytest.fixture(scope="module", params=list(EMBEDDING))
+def arch_paths(request, tmp_path_factory):
+    arch, root = request.param, tmp_path_factory.mktemp(request.param)
+    return arch, {name: save_adapter(arch, str(root / name), seed=50 + i, **config)
+                  for i, (name, config) in enumerate(configs(arch).items())}
+
+
+def ours(arch, paths, device="cpu", max_adapters=4):
+    mm = lora_ext.patch_model(build_model(arch).to(device), target_modules=["all-linear", EMBEDDING[arch]],
+                              max_adapters=max_adapters, max_rank=16)
+    for name, path in paths.items():
+        mm.load_adapter(name, path)
+    return mm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_logits_match_peft_adapter_by_adapter(arch_paths, device):
+    arch, paths = arch_paths
+    ids, mask = oracle.batch(device, len(NAMES))
+    expected = oracle.expected_logits(arch, paths, ids, mask, NAMES, device=device)
+    got = ours(arch, paths, device)(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    oracle.assert_rows_close(got, expected, FP32_RTOL, NAMES)
+    base = build_model(arch).to(device)(input_ids=ids, attention_mask=mask).logits
+    rows = oracle.rows_of("emb_only", NAMES)  # an adapter on the embedding alone changes the output
+    assert relative_error(expected[rows], base[rows]) > 100 * FP32_RTOL
+
+
+def test_the_check_fails_if_a_token_takes_another_column(arch_paths, monkeypatch):
+    """A layer that adds the wrong token's column of A (the next token id) fails by far."""
+    arch, paths = arch_paths
+    ids, mask = oracle.batch("cpu", len(NAMES))
+    expected = oracle.expected_logits(arch, paths, ids, mask, NAMES)
+    mm = ours(arch, paths)
+    layer = next(layer for layer in mm.layers.values() if layer.is_embedding)
+    forward = layer._embedding_forward
+    monkeypatch.setattr(layer, "_embedding_forward", lambda batch, base, x: forward(batch, base, (x + 1) % 96)
+                        - base((x + 1) % 96) + base(x))
+    got = mm(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    rows = oracle.rows_of("emb_only", NAMES)
+    assert relative_error(got[rows], expected[rows]) > 100 * FP32_RTOL
+
+
+def test_greedy_generation_matches_peft(arch_paths):
+    arch, paths = arch_paths
+    ids, mask = oracle.batch("cpu", len(NAMES))
+    got = ours(arch, paths).generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, do_sample=False,
+                                     max_new_tokens=6)
+    for name, expected in oracle.expected_generation(arch, paths, ids, mask, NAMES, max_new_tokens=6).items():
+        assert torch.equal(got[oracle.rows_of(name, NAMES)], expected), name
+
+
+def test_eviction_and_reload_under_churn(arch_paths):
+    arch, paths = arch_paths
+    mm = ours(arch, paths, max_adapters=2)
+    ids, mask = oracle.batch("cpu", 2, seed=3)
+    for pair in (["emb", "plain"], ["emb_only", "emb"], ["plain", "emb_only"], ["emb", "__base__"]):
+        expected = oracle.expected_logits(arch, paths, ids, mask, pair)
+        oracle.assert_rows_close(mm(input_ids=ids, attention_mask=mask, adapter_names=pair).logits, expected,
+                                 FP32_RTOL, pair)
+    assert mm.stats()["slot_evictions"] >= 2
+
+
+def test_merge_and_unmerge_match_peft_merged(arch_paths):
+    """Merged as PEFT merges (the embedding weight plus c (B A)^T; GPT-2's lm_head shares it, in
+    PEFT too); unmerge restores every weight bitwise."""
+    arch, paths = arch_paths
+    mm = ours(arch, paths)
+    ids, mask = oracle.batch("cpu", 2, seed=4)
+    before = {n: p.detach().clone() for n, p in mm.model.named_parameters()}
+    peft = oracle.peft_alone(arch, paths["emb"])
+    peft.merge_adapter()
+    with torch.no_grad():
+        expected = peft(input_ids=ids, attention_mask=mask).logits
+    mm.merge_adapter("emb")
+    assert relative_error(mm(input_ids=ids, attention_mask=mask, adapter_names=["emb", "emb"]).logits,
+                          expected) <= 1e-4  # merged weights are rounded once more
+    mm.unmerge_adapter()
+    assert all(torch.equal(p, before[n]) for n, p in mm.model.named_parameters())
+
+
+def test_a_changed_base_copy_is_refused(tmp_path):
+    """PEFT saves an embedding adapter with the embedding's base weight; a copy that differs from
+    the model's (a resized or retrained vocabulary) is refused, nothing registered."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_adapter("llama", str(tmp_path / "a"), r=4, lora_alpha=8, target_modules=["embed_tokens"])
+    tensors = load_file(f"{path}/adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("base_layer.weight"))
+    tensors[key][3] += 1.0
+    save_file(tensors, f"{path}/adapter_model.safetensors")
+    mm = lora_ext.patch_model(build_model("llama"), target_modules=["embed_tokens"], max_rank=8)
+    with pytest.raises(lora_ext.AdapterError, match=r"adapter 'a': module 'model.embed_tokens': .* its own base_layer "
+                                                    r"weight \(96, 64\), which differs from the model's"):
+        mm.load_adapter("a", path)
+    assert mm.adapters() == []
+
+
+def test_dora_on_an_embedding_and_training_refused(tmp_path):
+    path = save_adapter("llama", str(tmp_path / "d"), r=4, lora_alpha=8, use_dora=True,
+                        target_modules=["q_proj", "embed_tokens"])
+    mm = lora_ext.patch_model(build_model("llama"), target_modules=["all-linear", "embed_tokens"], max_rank=8)
+    with pytest.raises(lora_ext.AdapterError, match=r"module 'model.embed_tokens': DoRA on an embedding layer"):
+        mm.load_adapter("d", path)
+    plain = save_adapter("llama", str(tmp_path / "e"), r=4, lora_alpha=8, target_modules=["embed_tokens"])
+    with pytest.raises(lora_ext.AdapterError, match="training embedding adapters"):
+        mm.load_adapter("e", plain, trainable=True)
+    with pytest.raises(lora_ext.AdapterError, match="training embedding adapters"):
+        mm.add_adapter("f", dict(r=4, lora_alpha=8, target_modules=["embed_tokens"]))
+    mm.add_adapter("g", dict(r=4, lora_alpha=8, target_modules="all-linear"))  # PEFT's all-linear: no embedding
+    assert all(not mm.layers[m].is_embedding for m in mm.store.trainable("g").modules)
+    assert [a["name"] for a in mm.adapters()] == ["g"]
