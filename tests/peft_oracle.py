@@ -28,8 +28,10 @@ def rows_of(name, names):
     return [i for i, n in enumerate(names) if n == name]
 
 
-def expected_logits(arch, paths, ids, mask, names, dtype=torch.float32, device="cpu"):
-    """Each row's logits as PEFT gives them with the row's adapter alone (the base model for base rows)."""
+def expected_logits(arch, paths, ids, mask, names, dtype=torch.float64, device="cpu"):
+    """Each row's logits as PEFT gives them with the row's adapter alone (the base model for base
+    rows), by default in float64: the float32 answer's own error (measured up to 1.1e-5 of the
+    largest logit on these models) would otherwise count against lora_ext."""
     out = None
     with torch.no_grad():
         for name in dict.fromkeys(names):
@@ -59,8 +61,15 @@ def relative_error(got, expected):
     return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
-def assert_rows_close(got, expected, rtol, names):
+def assert_matches_peft(got, arch, paths, ids, mask, names, rtol, device="cpu"):
+    """Each adapter's rows of `got` (float32) against PEFT in float64: within `rtol` of the
+    largest logit, or twice PEFT's own float32 error on those rows where that is larger (the
+    project's rule: twice what the same math costs in the dtype; on tiny GPT-2, PEFT's float32
+    logits are up to 3e-5 off)."""
+    truth = expected_logits(arch, paths, ids, mask, names, device=device)
+    peft32 = expected_logits(arch, paths, ids, mask, names, dtype=torch.float32, device=device)
     for name in dict.fromkeys(names):
         rows = rows_of(name, names)
-        error = relative_error(got[rows], expected[rows])
-        assert error <= rtol, f"rows of {name!r}: relative error {error:.3g} > {rtol:g}"
+        bound = max(rtol, 2 * relative_error(peft32[rows], truth[rows]))
+        error = relative_error(got[rows], truth[rows])
+        assert error <= bound, f"rows of {name!r}: relative error {error:.3g} > {bound:.3g}"

@@ -48,7 +48,7 @@ def adapter_configs(arch):
 def save_adapter(arch, directory, seed=1, model_overrides=None, **config):
     """Saves a PEFT adapter with random (non-zero) A and B for `arch` into `directory` (and, with
     use_dora, magnitudes scaled away from the norm PEFT initialises them to; with lora_bias, a
-    random lora_B bias)."""
+    random lora_B bias; with modules_to_save, copies that differ from the base modules)."""
     from peft import LoraConfig, get_peft_model
 
     base = build_model(arch, **(model_overrides or {}))
@@ -60,6 +60,8 @@ def save_adapter(arch, directory, seed=1, model_overrides=None, **config):
                 param.mul_(20)
             if "lora_magnitude_vector" in name:
                 param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+            if "modules_to_save" in name:  # a fully trained copy: make it differ from the base module
+                param.add_(torch.randn_like(param) * param.std())
     peft_model.save_pretrained(directory)
     return directory
 

@@ -388,8 +388,6 @@ def refuse_unsupported_config(name, config):
         refusals.append(f"peft_type {config.peft_type!r} (only LORA adapters are supported)")
     if config.use_dora and config.lora_bias:
         refusals.append("use_dora=true with lora_bias=true (PEFT does not define them together)")
-    if config.modules_to_save:
-        refusals.append(f"modules_to_save={list(config.modules_to_save)!r} (fully trained modules are not supported)")
     if config.bias != "none":
         refusals.append(f"bias={config.bias!r} (trained biases are not supported)")
     if config.layer_replication:

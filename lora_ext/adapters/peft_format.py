@@ -14,7 +14,7 @@ Everything that changes the math and is not implemented is refused, never ignore
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,10 +72,12 @@ class PeftAdapter:
     path: str
     config: AdapterConfig
     modules: dict  # module name in the base model -> ModuleWeights
+    saved: dict = field(default_factory=dict)  # modules_to_save: module name -> {"weight": t, "bias": t}
 
     @property
     def nbytes(self):
-        return sum(m.nbytes for m in self.modules.values())
+        return sum(m.nbytes for m in self.modules.values()) + sum(
+            t.numel() * t.element_size() for params in self.saved.values() for t in params.values())
 
 
 @dataclass(frozen=True)
@@ -90,26 +92,36 @@ class TensorEntry:
     end: int = 0
 
 
-def read_peft_adapter(name, path, *, allow_pickle=False, modules=None, max_rank=None):
+def read_peft_adapter(name, path, *, allow_pickle=False, modules=None, max_rank=None, saved_modules=None):
     """Reads and validates the adapter directory `path`; raises AdapterError on anything refused.
 
     modules: optional {module name: (d_in, d_out)} of the patched layers; weights of any other
-    module, or of a shape that does not fit, are refused. max_rank: optional largest rank. Both
-    are checked from the file's header, before any tensor is read."""
+    module, or of a shape that does not fit, are refused. max_rank: optional largest rank.
+    saved_modules: optional {module name: {"weight": shape, "bias": shape or None}} of the modules
+    whose per-adapter copies (modules_to_save) the model serves; a copy of any other module, or
+    of another shape, is refused. All are checked from the file's header, before any tensor is read."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise AdapterError(f"adapter {name!r}: {path!r} is not a directory")
     config = read_config(name, path)
     file, f, entries, tensors = open_weights(name, path, allow_pickle)
     with f:
-        plan = plan_modules(name, file, entries, config, modules, max_rank)
+        saved_keys = plan_saved_modules(name, file, entries, config, saved_modules)
+        copies = {k for keys in saved_keys.values() for k in keys.values()}
+        lora_entries = {k: e for k, e in entries.items() if k not in copies}
+        plan = plan_modules(name, file, lora_entries, config, modules, max_rank, allow_none=bool(saved_keys))
         check_layers_to_transform(name, config, plan, modules)
         weights = {}
         for module, (keys, rank) in plan.items():
             read = {which: tensors[k] if tensors is not None else read_tensor_bytes(name, file, f, k, entries[k])
                     for which, k in keys.items()}
             weights[module] = check_module(name, module, read, rank, config)
-    return PeftAdapter(name=name, path=path, config=config, modules=weights)
+        saved = {}
+        for module, keys in saved_keys.items():
+            saved[module] = {which: _finite(name, module, which, tensors[k] if tensors is not None
+                                            else read_tensor_bytes(name, file, f, k, entries[k]))
+                             for which, k in keys.items()}
+    return PeftAdapter(name=name, path=path, config=config, modules=weights, saved=saved)
 
 
 def open_weights(name, path, allow_pickle):
@@ -208,7 +220,48 @@ def read_tensor_bytes(name, file, f, key, entry):
     return torch.frombuffer(data, dtype=entry.torch_dtype).reshape(entry.shape)  # safetensors is little-endian
 
 
-def plan_modules(name, file, entries, config, modules=None, max_rank=None):
+def plan_saved_modules(name, file, entries, config, saved_modules):
+    """{module: {"weight": key, "bias": key}} of the full module copies in the file (PEFT's
+    modules_to_save, saved as <module>.weight / .bias), checked against `saved_modules` (the
+    model's) from the header."""
+    if not config.modules_to_save:
+        return {}
+    found = {}
+    for key, entry in entries.items():
+        match = re.match(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<which>weight|bias)$", key)
+        if match is None or ".lora_" in key or ".base_layer." in key:
+            continue
+        module = match["module"]
+        if any(module == m or module.endswith("." + m) for m in config.modules_to_save):
+            found.setdefault(module, {})[match["which"]] = key
+    for module, keys in sorted(found.items()):
+        where = f"adapter {name!r}: {file}: modules_to_save module {module!r}"
+        if saved_modules is not None and module not in saved_modules:
+            raise AdapterError(f"{where}: the model serves no copies of it (patch_model(..., modules_to_save=[...]) "
+                               f"lists {sorted(saved_modules)})")
+        if "weight" not in keys:
+            raise AdapterError(f"{where} has a bias but no weight")
+        for which, key in keys.items():
+            entry = entries[key]
+            expected = None if saved_modules is None else saved_modules[module].get(which)
+            if entry.torch_dtype is None:
+                raise AdapterError(f"{where}: {which} must be floating point, not {entry.dtype}")
+            if saved_modules is not None and entry.shape != expected:
+                raise AdapterError(f"{where}: {which} has shape {entry.shape}, but the model's is {expected}")
+        if saved_modules is not None and saved_modules[module].get("bias") is not None and "bias" not in keys:
+            raise AdapterError(f"{where} has no bias, but the model's module has one")
+    return found
+
+
+def _finite(name, module, which, tensor):
+    finite = torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float())
+    if not finite.all():
+        raise AdapterError(f"adapter {name!r}: modules_to_save module {module!r}: {which} holds "
+                           f"{int((~finite).sum())} NaN or infinite values")
+    return tensor
+
+
+def plan_modules(name, file, entries, config, modules=None, max_rank=None, allow_none=False):
     """{module: ({"A": key, "B": key, and "bias" / "magnitude" when present}, rank)} from the
     declared keys, dtypes and shapes alone."""
     halves, refused = {}, []
@@ -222,7 +275,7 @@ def plan_modules(name, file, entries, config, modules=None, max_rank=None):
         kinds = sorted({_describe_key(k) for k in refused})
         raise AdapterError(f"adapter {name!r}: {file}: unsupported weights {[clip(k) for k in refused[:5]]}"
                            f"{' ...' if len(refused) > 5 else ''} ({', '.join(kinds)})")
-    if not halves:
+    if not halves and not allow_none:
         raise AdapterError(f"adapter {name!r}: {os.path.dirname(file)} holds no lora_A / lora_B weights")
     if modules is not None:
         unknown = sorted(m for m in halves if m not in modules)

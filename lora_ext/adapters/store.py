@@ -20,7 +20,7 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,10 +60,12 @@ class AdapterSlotWeights:
 
     name: str
     modules: dict  # module name -> ModuleSlotWeights
+    saved: dict = field(default_factory=dict)  # modules_to_save: module name -> {"weight": t, "bias": t}
 
     @property
     def nbytes(self):
-        return sum(m.nbytes for m in self.modules.values())
+        return sum(m.nbytes for m in self.modules.values()) + sum(
+            t.numel() * t.element_size() for copy in self.saved.values() for t in copy.values())
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class AdapterRecord:
     allow_pickle: bool
     ranks: dict     # module -> rank
     scalings: dict  # module -> scaling
-    nbytes: int     # bytes of its weights in the layers' dtype
+    nbytes: int     # bytes of its weights in the layers' dtype (copies of saved modules included)
+    saved: tuple = ()  # modules_to_save: the modules it has its own copy of
 
 
 class AdapterStore:
@@ -87,8 +90,10 @@ class AdapterStore:
     (lora_ext.model.LoraLayer).
     """
 
-    def __init__(self, layers, max_adapters, max_rank, host_cache_bytes=None, slot_timeout=DEFAULT_SLOT_TIMEOUT):
+    def __init__(self, layers, max_adapters, max_rank, host_cache_bytes=None, slot_timeout=DEFAULT_SLOT_TIMEOUT,
+                 saved_layers=None):
         self.layers = layers
+        self.saved_layers = saved_layers or {}  # modules_to_save: {module name: SavedModuleLayer}
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         self.slot_timeout = slot_timeout
@@ -135,7 +140,7 @@ class AdapterStore:
             self.record(name)  # refuses unknown names
             slot = self._slots.release(name)
             if slot is not None:
-                for layer in self.layers.values():
+                for layer in (*self.layers.values(), *self.saved_layers.values()):
                     layer.write_slot(slot, None)
             self._host.remove(name)
             self._trainable.pop(name, None)
@@ -207,7 +212,8 @@ class AdapterStore:
         with self._lock:
             resident = self._slots.resident()
             return [dict(name=r.name, path=r.path, cached=r.name in self._host, slot=resident.get(r.name),
-                         modules=len(r.ranks), ranks=sorted(set(r.ranks.values())), bytes=r.nbytes)
+                         modules=len(r.ranks), ranks=sorted(set(r.ranks.values())), bytes=r.nbytes,
+                         modules_to_save=list(r.saved))
                     for r in self._registry.values()]
 
     def stats(self):
@@ -321,12 +327,14 @@ class AdapterStore:
 
     def _read_for_slots(self, name, path, allow_pickle):
         adapter = read_peft_adapter(name, path, allow_pickle=allow_pickle, max_rank=self.max_rank,
-                                    modules={m: layer.full_shape for m, layer in self.layers.items()})
+                                    modules={m: layer.full_shape for m, layer in self.layers.items()},
+                                    saved_modules={m: layer.shapes for m, layer in self.saved_layers.items()})
         for module, w in adapter.modules.items():  # tensor parallelism: keep only this rank's part
             w.lora_a, w.lora_b = self.layers[module].shard(w.lora_a, w.lora_b)
         weights = self._cast_for_slots(adapter)
         record = AdapterRecord(name, str(path), allow_pickle, {m: w.rank for m, w in adapter.modules.items()},
-                               {m: w.scaling for m, w in adapter.modules.items()}, weights.nbytes)
+                               {m: w.scaling for m, w in adapter.modules.items()}, weights.nbytes,
+                               tuple(sorted(weights.saved)))
         return weights, record
 
     def _cast_for_slots(self, adapter):
@@ -351,7 +359,16 @@ class AdapterStore:
             if pin:
                 a, b_t = a.pin_memory(), b_t.pin_memory()
             modules[module] = ModuleSlotWeights(a, b_t, w.rank, w.scaling, bias, g)
-        return AdapterSlotWeights(adapter.name, modules)
+        saved = {}
+        for module, copy in getattr(adapter, "saved", {}).items():
+            layer = self.saved_layers[module]
+            saved[module] = {which: t.detach().to(layer.dtype).contiguous() for which, t in copy.items()}
+            if not all(torch.isfinite(t).all() for t in saved[module].values()):
+                raise AdapterError(f"adapter {adapter.name!r}: modules_to_save module {module!r} overflows to infinity "
+                                   f"when cast to {layer.dtype}")
+            if pin:
+                saved[module] = {which: t.pin_memory() for which, t in saved[module].items()}
+        return AdapterSlotWeights(adapter.name, modules, saved)
 
     @staticmethod
     def _row_extras(layer, w, where):
@@ -402,6 +419,8 @@ class AdapterStore:
         if device.type != "cuda":
             for module, layer in self.layers.items():
                 layer.write_slot(slot, weights.modules.get(module))
+            for module, layer in self.saved_layers.items():
+                layer.write_slot(slot, weights.saved.get(module))
             return
         # On a GPU the copy runs on a side stream; batches that use the slot wait on its event,
         # never on the whole device. The side stream first waits for work already queued on the
@@ -412,6 +431,8 @@ class AdapterStore:
         with torch.cuda.stream(self._copy_stream):
             for module, layer in self.layers.items():
                 layer.write_slot(slot, weights.modules.get(module), non_blocking=True)
+            for module, layer in self.saved_layers.items():
+                layer.write_slot(slot, weights.saved.get(module), non_blocking=True)
             event = torch.cuda.Event()
             event.record(self._copy_stream)
         self._pending_copies[slot] = (event, weights)

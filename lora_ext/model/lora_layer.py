@@ -99,6 +99,11 @@ class LoraLayer(torch.nn.Module):
         return self.lora_b_rank_major.transpose(1, 2)
 
     @property
+    def weight(self):
+        """The base layer's weight (code that reads e.g. the input embeddings' weight sees it)."""
+        return self.base_layer.weight
+
+    @property
     def dtype(self):
         return self.lora_a.dtype
 

@@ -16,6 +16,7 @@ from lora_ext.adapters.peft_format import AdapterError
 from lora_ext.adapters.store import DEFAULT_SLOT_TIMEOUT, AdapterStore
 from lora_ext.model.batch import BatchRows, active_batch
 from lora_ext.model.lora_layer import LoraLayer
+from lora_ext.model.saved_module import SavedModuleLayer
 from lora_ext.model.targets import find_target_modules
 from lora_ext.model.tensor_parallel import check_same_batch, sharding_of
 from lora_ext.model.train_batch import TrainBatch
@@ -33,14 +34,15 @@ class MultiLoraModel(TrainingMixin):
     """
 
     def __init__(self, model, target_modules="all-linear", max_adapters=8, max_rank=64, host_cache_bytes=None,
-                 slot_timeout=DEFAULT_SLOT_TIMEOUT):
+                 slot_timeout=DEFAULT_SLOT_TIMEOUT, modules_to_save=None):
         for arg, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"lora_ext: {arg} must be a positive integer, not {value!r}")
         if isinstance(slot_timeout, bool) or not isinstance(slot_timeout, (int, float)) or not slot_timeout >= 0 \
                 or slot_timeout == float("inf"):
             raise ValueError(f"lora_ext: slot_timeout must be a finite number of seconds >= 0, not {slot_timeout!r}")
-        if getattr(model, "_lora_ext_patched", False) or any(isinstance(m, LoraLayer) for m in model.modules()):
+        if getattr(model, "_lora_ext_patched", False) or any(isinstance(m, (LoraLayer, SavedModuleLayer))
+                                                                 for m in model.modules()):
             raise ValueError("lora_ext: this model is already patched; call unpatch() on its MultiLoraModel first")
         self.model = model
         self.max_adapters = max_adapters
@@ -57,8 +59,17 @@ class MultiLoraModel(TrainingMixin):
             self._originals[name] = (parent, child, base)
             self.layers[name] = LoraLayer(base, name, max_adapters, max_rank, owner=self, sharding=shardings[name])
             setattr(parent, child, self.layers[name])
+        self.saved_layers = {}
+        for name in find_saved_modules(model, modules_to_save, targets):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            base = getattr(parent, child)
+            self._originals[name] = (parent, child, base)
+            self.saved_layers[name] = SavedModuleLayer(base, name, max_adapters, owner=self)
+            setattr(parent, child, self.saved_layers[name])
         model._lora_ext_patched = True
-        self.store = AdapterStore(self.layers, max_adapters, max_rank, host_cache_bytes, slot_timeout)
+        self.store = AdapterStore(self.layers, max_adapters, max_rank, host_cache_bytes, slot_timeout,
+                                  saved_layers=self.saved_layers)
         self._lock = threading.RLock()  # guards the merged state
         self._merged = None
         self._merge_backup = {}
@@ -211,6 +222,8 @@ class MultiLoraModel(TrainingMixin):
                                            f"{what} in {dtype}")
                 merged_weights[module] = (new_weight.to(base.dtype),
                                           None if new_bias is None else new_bias.to(layer.base_layer.bias.dtype))
+            for module, copy in weights.saved.items():
+                self.saved_layers[module].merge(copy)
             for module, (new_weight, new_bias) in merged_weights.items():
                 layer = self.layers[module]
                 base, bias = layer.local_weight(), layer.local_bias()
@@ -236,6 +249,9 @@ class MultiLoraModel(TrainingMixin):
                         layer.local_bias().copy_(bias)
                 layer.merge_backup = None
             self._merge_backup.clear()
+            for layer in self.saved_layers.values():
+                if layer.merged is not None:
+                    layer.unmerge()
             self._merged = None
 
     def unpatch(self):
@@ -249,6 +265,7 @@ class MultiLoraModel(TrainingMixin):
             self.model._lora_ext_patched = False
             self._patched = False
             self.layers.clear()
+            self.saved_layers.clear()
         return self.model
 
     # ---- internals -----------------------------------------------------------------------------
@@ -280,6 +297,24 @@ class MultiLoraModel(TrainingMixin):
         return None
 
 
+def find_saved_modules(model, modules_to_save, lora_targets):
+    """Module names matching `modules_to_save` (PEFT's semantics: a name or a name suffix), none of
+    them a LoRA target."""
+    if not modules_to_save:
+        return []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    names = [n for n, _ in model.named_modules() if n and any(n == m or n.endswith("." + m) for m in modules_to_save)]
+    missing = [m for m in modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
+    if missing:
+        raise ValueError(f"lora_ext: modules_to_save={list(modules_to_save)!r}: no module of {type(model).__name__} "
+                         f"is named {missing}")
+    both = sorted(set(names) & set(lora_targets))
+    if both:
+        raise ValueError(f"lora_ext: {both} are both LoRA targets and modules_to_save; take them out of target_modules")
+    return names
+
+
 def _one_group(shardings):
     """The process group of the tensor-parallel layers (None without any); they must share one."""
     groups = {id(s.group): s.group for s in shardings.values() if s is not None}
@@ -290,7 +325,7 @@ def _one_group(shardings):
 
 
 def patch_model(model, target_modules="all-linear", max_adapters=8, max_rank=64, host_cache_bytes=None,
-                slot_timeout=DEFAULT_SLOT_TIMEOUT):
+                slot_timeout=DEFAULT_SLOT_TIMEOUT, modules_to_save=None):
     """Patches `model` in place so every batch row can use its own LoRA adapter.
 
     Args:
@@ -302,7 +337,10 @@ def patch_model(model, target_modules="all-linear", max_adapters=8, max_rank=64,
         host_cache_bytes: budget of validated adapter weights kept in host memory (None: no limit).
         slot_timeout: seconds a batch (or prefetch) waits for device slots that running batches
             hold before it raises SlotTimeoutError.
+        modules_to_save: modules (names or name suffixes, e.g. ["lm_head"]) of which adapters may
+            carry their own full copy (PEFT's modules_to_save); max_adapters copies of each are
+            preallocated, and an adapter carrying a copy of any other module is refused.
     Returns:
         MultiLoraModel
     """
-    return MultiLoraModel(model, target_modules, max_adapters, max_rank, host_cache_bytes, slot_timeout)
+    return MultiLoraModel(model, target_modules, max_adapters, max_rank, host_cache_bytes, slot_timeout, modules_to_save)

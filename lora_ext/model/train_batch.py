@@ -35,10 +35,11 @@ class TrainBatch(BatchRows):
         # each adapter's weights: a TrainableAdapter (leaves) or the frozen one's AdapterSlotWeights
         self.sources = [store.trainable(n) or store.slot_weights(n) for n in self.adapters]
         for name, src in zip(self.adapters, self.sources):
-            if any(getattr(m, "lora_bias", None) is not None or getattr(m, "dora_scale", None) is not None
-                   for m in src.modules.values()):
-                raise ValueError(f"lora_ext: adapter {name!r} has DoRA or a lora_B bias, which training batches do "
-                                 "not support yet; serve it in eval() batches")
+            if getattr(src, "saved", None) or any(getattr(m, "lora_bias", None) is not None
+                                                  or getattr(m, "dora_scale", None) is not None
+                                                  for m in src.modules.values()):
+                raise ValueError(f"lora_ext: adapter {name!r} has DoRA, a lora_B bias or modules_to_save, which "
+                                 "training batches do not support yet; serve it in eval() batches")
         dropout = [getattr(src, "dropout", 0.0) for src in self.sources]
         dropout += [0.0] * (slots - len(dropout))
         # with dropout the layers take another path; a compiled model's takes the same one for

@@ -40,7 +40,8 @@ def config_fields(config):
 
 def _refuse_untrainable(name, config):
     """Adapters lora_ext serves but does not train yet."""
-    for field, what in (("use_dora", "DoRA"), ("lora_bias", "a lora_B bias (lora_bias=true)")):
+    for field, what in (("use_dora", "DoRA"), ("lora_bias", "a lora_B bias (lora_bias=true)"),
+                        ("modules_to_save", "modules_to_save")):
         if getattr(config, field):
             raise AdapterError(f"adapter {name!r}: training adapters with {what} is not implemented yet; load it "
                                "without trainable=True to serve it")
