@@ -144,7 +144,9 @@ def refusal_cases(tmp_path):
          lambda p: write_adapter(p, **ok, config=dict(use_dora=True)))
     case("DoRA with lora_bias", r"use_dora=true with lora_bias=true",
          lambda p: write_adapter(p, **ok, config=dict(use_dora=True, lora_bias=True)))
-    case("modules_to_save", r"modules_to_save=\['head'\]", lambda p: write_adapter(p, **ok, config=dict(modules_to_save=["head"])))
+    case("modules_to_save copy the model does not serve", r"modules_to_save module 'head': the model serves no copies",
+         lambda p: write_adapter(p, **ok, config=dict(modules_to_save=["head"]), tensors={
+             **_tensors(("fc1",)), "base_model.model.head.weight": torch.ones(3, 4)}))
     case("trained bias", r"bias='lora_only'", lambda p: write_adapter(p, **ok, config=dict(bias="lora_only")))
     case("not LoRA", r"peft_type 'IA3'", lambda p: write_adapter(p, **ok, config=dict(peft_type="IA3")))
     case("DoRA weights without use_dora", r"module 'fc1' has a lora_magnitude_vector .* but the config has use_dora=false",

@@ -133,6 +133,10 @@ def main(argv=None):
         from lora_ext.bench.tp_bench import main as tp_bench_main
 
         return tp_bench_main(argv)
+    if "--kinds" in argv:  # DoRA and modules_to_save against plain LoRA and PEFT
+        from lora_ext.bench.kinds_bench import main as kinds_bench_main
+
+        return kinds_bench_main(argv)
     if "--train" in argv:  # the training benchmark has its own options
         from lora_ext.bench.train_bench import main as train_bench_main
 
