@@ -159,3 +159,19 @@ def test_bench_refuses_non_positive_sizes(flag, capsys):
         bench.main([flag, "0"])
     assert info.value.code == 2
     assert f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_kinds_quick(tmp_path):
+    """lora-ext bench --kinds --quick: every scenario timed, the DoRA comparison reported."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "lora_ext", "bench", "--kinds", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "kinds_bench.json").read_text())
+    assert [r["scenario"] for r in result["rows"]] == ["base", "plain LoRA", "DoRA", "lm_head copies",
+                                                       "PEFT DoRA, adapter by adapter",
+                                                       "PEFT lm_head copies, adapter by adapter"]
+    assert result["dora_step_over_plain"] > 0 and "DoRA vs plain LoRA" in run.stdout
