@@ -163,10 +163,6 @@ def test_bench_refuses_non_positive_sizes(flag, capsys):
 
 def test_bench_kinds_quick(tmp_path):
     """lora-ext bench --kinds --quick: every scenario timed, the DoRA comparison reported."""
-    import json
-    import subprocess
-    import sys
-
     run = subprocess.run([sys.executable, "-m", "lora_ext", "bench", "--kinds", "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
