@@ -3,7 +3,26 @@ adapter by adapter): each row's expected logits come from PEFT with that row's a
 
 import torch
 
-from tiny_models import build_model
+import lora_ext
+from tiny_models import build_model, save_adapter
+
+# each architecture's embedding (GPT-2's is tied to lm_head) and a linear layer to put LoRA on
+EMBEDDING = {"llama": "embed_tokens", "qwen2": "embed_tokens", "gpt2": "wte"}
+LINEAR = {"llama": "q_proj", "qwen2": "v_proj", "gpt2": "c_attn"}
+
+
+def save_adapters(arch, root, configs, seed):
+    """{name: directory} of PEFT adapters saved from {name: LoraConfig fields}."""
+    return {name: save_adapter(arch, str(root / name), seed=seed + i, **config)
+            for i, (name, config) in enumerate(configs.items())}
+
+
+def patched(arch, paths, device="cpu", max_adapters=4, **patch_kwargs):
+    """A tiny `arch` model patched by lora_ext (max_rank 16) with the adapters loaded."""
+    mm = lora_ext.patch_model(build_model(arch).to(device), max_adapters=max_adapters, max_rank=16, **patch_kwargs)
+    for name, path in paths.items():
+        mm.load_adapter(name, path)
+    return mm
 
 
 def batch(device, rows, length=10, seed=0):

@@ -7,7 +7,7 @@ import torch
 
 import lora_ext
 import peft_oracle as oracle
-from peft_oracle import relative_error
+from peft_oracle import EMBEDDING, LINEAR, relative_error
 from tiny_models import build_model, save_adapter
 
 pytest.importorskip("peft")
@@ -15,8 +15,6 @@ pytest.importorskip("peft")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FP32_RTOL = 1e-5  # float32 logits against PEFT in float64, relative to the largest logit of the rows compared
 NAMES = ["emb", "__base__", "plain", "emb_only", "emb", "plain", "__base__", "emb_only"]
-EMBEDDING = {"llama": "embed_tokens", "qwen2": "embed_tokens", "gpt2": "wte"}  # GPT-2's is tied to lm_head
-LINEAR = {"llama": "q_proj", "qwen2": "v_proj", "gpt2": "c_attn"}
 
 
 def configs(arch):
@@ -27,17 +25,12 @@ def configs(arch):
 
 @pytest.fixture(scope="module", params=list(EMBEDDING))
 def arch_paths(request, tmp_path_factory):
-    arch, root = request.param, tmp_path_factory.mktemp(request.param)
-    return arch, {name: save_adapter(arch, str(root / name), seed=50 + i, **config)
-                  for i, (name, config) in enumerate(configs(arch).items())}
+    arch = request.param
+    return arch, oracle.save_adapters(arch, tmp_path_factory.mktemp(arch), configs(arch), seed=50)
 
 
 def ours(arch, paths, device="cpu", max_adapters=4):
-    mm = lora_ext.patch_model(build_model(arch).to(device), target_modules=["all-linear", EMBEDDING[arch]],
-                              max_adapters=max_adapters, max_rank=16)
-    for name, path in paths.items():
-        mm.load_adapter(name, path)
-    return mm
+    return oracle.patched(arch, paths, device, max_adapters, target_modules=["all-linear", EMBEDDING[arch]])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -326,11 +326,11 @@ def _extras_problem(pair, entries, config):
     """What is wrong with a module's lora_B bias or DoRA magnitude ('' if nothing): present
     exactly when the config says so (lora_bias, use_dora), 1-D floating, one value per output."""
     d_out = entries[pair["B"][0]].shape[0]
-    for which, wanted, field in (("bias", config.lora_bias, "lora_bias"), ("magnitude", config.use_dora, "use_dora")):
+    for which, wanted, flag in (("bias", config.lora_bias, "lora_bias"), ("magnitude", config.use_dora, "use_dora")):
         if which in pair and not wanted:
-            return f" has a {_NAMES[which]} ({clip(pair[which][0])}) but the config has {field}=false"
+            return f" has a {_NAMES[which]} ({clip(pair[which][0])}) but the config has {flag}=false"
         if which not in pair and wanted:
-            return f" has no {_NAMES[which]} but the config has {field}=true"
+            return f" has no {_NAMES[which]} but the config has {flag}=true"
         if which in pair:
             entry = entries[pair[which][0]]
             if entry.torch_dtype is None:

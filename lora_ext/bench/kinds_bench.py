@@ -61,7 +61,9 @@ def write_adapters(model, root, args):
             path = write_peft_adapter(os.path.join(root, f"{kind.split()[0]}{i}"), modules, args.rank, None,
                                       seed=3000 + i)
             file, config_file = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_config.json")
-            tensors, config = load_file(file), json.load(open(config_file))
+            with open(config_file) as f:
+                config = json.load(f)
+            tensors = load_file(file)
             g = torch.Generator().manual_seed(4000 + i)
             if kind == "DoRA":
                 for name, _, _ in modules:

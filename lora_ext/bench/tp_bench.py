@@ -13,7 +13,6 @@ small all-reduce per call that checks the ranks were given the same adapter name
 
 import argparse
 import collections
-import json
 import os
 import shutil
 import statistics
