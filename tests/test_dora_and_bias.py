@@ -180,16 +180,97 @@ def test_stats_and_inspect_count_the_extras(arch_paths, capsys):
     assert "use_dora=True" in capsys.readouterr().out
 
 
-def test_training_refuses_dora_and_bias(arch_paths):
-    arch, paths = arch_paths
-    mm = ours(arch, paths)
-    with pytest.raises(lora_ext.AdapterError, match="training adapters with DoRA is not implemented"):
-        mm.load_adapter("dora_t", paths["dora"], trainable=True)
+TRAIN = {"dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj", "up_proj"],
+                     init_lora_weights=False),
+         "biased": dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False)}
+
+
+def peft_alone_with(name, config, trainable):
+    """PEFT's model of one adapter on the same base, starting from lora_ext's leaves."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model("qwen2"), LoraConfig(**config))
+    with torch.no_grad():
+        for module, w in trainable.modules.items():
+            layer = model.get_submodule(f"base_model.model.{module}")
+            layer.lora_A["default"].weight.copy_(w.lora_a)
+            layer.lora_B["default"].weight.copy_(w.lora_b)
+            if w.lora_bias is not None:
+                layer.lora_B["default"].bias.copy_(w.lora_bias)
+            if w.magnitude is not None:
+                layer.lora_magnitude_vector["default"].weight.copy_(w.magnitude)
+    return model
+
+
+def test_training_dora_and_bias_gradients_equal_peft_alone():
+    """A new DoRA adapter and a new lora_bias adapter trained in one mixed batch with a frozen DoRA
+    adapter and a base row: each leaf's gradient (A, B, the bias, the magnitude) equals PEFT's for
+    that adapter alone on its rows; the frozen adapter gets none."""
+    from lora_ext.losses import per_adapter_loss
+
+    mm = lora_ext.patch_model(build_model("qwen2"), max_adapters=4, max_rank=16)
+    g = torch.Generator().manual_seed(5)
+    for name, config in TRAIN.items():
+        mm.add_adapter(name, config, generator=g)
+    with torch.no_grad():  # m starts at ||W + c B A|| (g = 1); move it so DoRA's scale matters
+        for w in mm.store.trainable("dora").modules.values():
+            w.magnitude.mul_(torch.rand(w.magnitude.shape, generator=g) + 0.5)
+    frozen = save_adapter("qwen2", str(__import__("tempfile").mkdtemp()), seed=3, r=4, lora_alpha=8, use_dora=True,
+                          target_modules=["v_proj"])
+    mm.load_adapter("frozen", frozen)
+    names = ["biased", "dora", "__base__", "frozen", "dora", "biased"]
+    ids = torch.randint(3, 96, (len(names), 9), generator=torch.Generator().manual_seed(6))
+    start = {n: peft_alone_with(n, TRAIN[n], mm.store.trainable(n)) for n in TRAIN}
     mm.train()
-    ids, _ = batch("cpu", rows=2)
-    with pytest.raises(ValueError, match="adapter 'dora' has DoRA, a lora_B bias or modules_to_save"):
-        mm(input_ids=ids, adapter_names=["dora", "plain"])
-    assert "dora_t" not in mm.store
+    per_adapter_loss(mm(input_ids=ids, adapter_names=names).logits, ids, names)[0].backward()
+    for name, reference in start.items():
+        rows = rows_of(name, names)
+        logits = reference(input_ids=ids[rows]).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), ids[rows][:, 1:].reshape(-1)).backward()
+        for module, w in mm.store.trainable(name).modules.items():
+            layer = reference.get_submodule(f"base_model.model.{module}")
+            pairs = [(w.lora_a, layer.lora_A["default"].weight), (w.lora_b, layer.lora_B["default"].weight)]
+            if w.lora_bias is not None:
+                pairs.append((w.lora_bias, layer.lora_B["default"].bias))
+            if w.magnitude is not None:
+                pairs.append((w.magnitude, layer.lora_magnitude_vector["default"].weight))
+            for ours, theirs in pairs:
+                rel = float((ours.grad - theirs.grad).norm() / theirs.grad.norm())
+                assert rel < 1e-5, f"{name} {module}: gradient relative difference {rel:.2e}"
+
+
+def test_trained_dora_and_bias_adapters_save_and_load_in_peft(tmp_path):
+    mm = lora_ext.patch_model(build_model("qwen2"), max_adapters=4, max_rank=16)
+    g = torch.Generator().manual_seed(7)
+    for name, config in TRAIN.items():
+        mm.add_adapter(name, config, generator=g)
+    mm.train()
+    ids = torch.randint(3, 96, (2, 9), generator=g)
+    from lora_ext.losses import per_adapter_loss
+
+    per_adapter_loss(mm(input_ids=ids, adapter_names=["dora", "biased"]).logits, ids, ["dora", "biased"])[0].backward()
+    opt = torch.optim.SGD(mm.adapter_parameters("dora") + mm.adapter_parameters("biased"), lr=0.5)
+    opt.step()
+    mm.eval()
+    paths = {}
+    for name in TRAIN:
+        mm.save_adapter(name, tmp_path / name)
+        paths[name] = str(tmp_path / name)
+    ids, mask = batch("cpu", rows=2, seed=8)
+    got = mm(input_ids=ids, attention_mask=mask, adapter_names=["dora", "biased"]).logits
+    oracle.assert_matches_peft(got, "qwen2", paths, ids, mask, ["dora", "biased"], FP32_RTOL)
+    again = ours("qwen2", paths)
+    assert_matches_peft(again(input_ids=ids, attention_mask=mask, adapter_names=["dora", "biased"]).logits, "qwen2",
+                        paths, ids, mask, names=["dora", "biased"])
+
+
+def test_training_refusals():
+    mm = lora_ext.patch_model(build_model("llama"), max_rank=16)
+    with pytest.raises(lora_ext.AdapterError, match=r"lora_bias=True needs a base layer with a bias"):
+        mm.add_adapter("b", dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj"]))
+    with pytest.raises(lora_ext.AdapterError, match=r"training DoRA with lora_dropout=0.1 is not implemented"):
+        mm.add_adapter("d", dict(r=4, lora_alpha=8, use_dora=True, lora_dropout=0.1, target_modules=["q_proj"]))
+    assert mm.adapters() == []
 
 
 def test_zero_norm_refused_and_nothing_registered(tmp_path):

@@ -315,8 +315,9 @@ def test_serving_follows_training_steps():
 @pytest.mark.parametrize("config,pattern", [
     (dict(r=32, lora_alpha=8, target_modules=["q_proj"]), r"rank 32 exceeds max_rank=16"),
     (dict(r=4, lora_alpha=8, target_modules=["nothing_like_this"]), r"targets none of the patched modules"),
-    (dict(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True), r"training adapters with DoRA is not implemented"),
-    (dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True), r"training adapters with a lora_B bias"),
+    (dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True), r"lora_bias=True needs a base layer with a bias"),
+    (dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+     r"training adapters with modules_to_save is not implemented"),
     (dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=1.5), r"'lora_dropout' must be a number in \[0, 1\)"),
     (dict(r=4, lora_alpha=float("inf"), target_modules=["q_proj"]), r"'lora_alpha'"),
     (dict(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="pissa"), r"init_lora_weights='pissa'"),

@@ -25,17 +25,23 @@ def peft_config(adapter, task_type=None, base_model_name_or_path=None, fan_in_fa
         "r": config.r, "lora_alpha": config.lora_alpha, "target_modules": modules,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": config.use_rslora,
         "lora_dropout": config.lora_dropout, "bias": "none", "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+        "init_lora_weights": True, "use_dora": config.use_dora, "lora_bias": config.lora_bias,
+        "modules_to_save": None, "layers_to_transform": None,
         "layers_pattern": None, "inference_mode": True, "revision": None,
     }
 
 
 def peft_tensors(adapter):
-    """{key: tensor} as PEFT saves them: base_model.model.<module>.lora_A.weight (r, d_in), lora_B (d_out, r)."""
+    """{key: tensor} as PEFT saves them: base_model.model.<module>.lora_A.weight (r, d_in), lora_B (d_out, r),
+    lora_B.bias (d_out,) and lora_magnitude_vector (d_out,) where the adapter has them."""
     tensors = {}
     for module, m in adapter.modules.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = m.lora_a.detach().to("cpu").contiguous().clone()
         tensors[f"base_model.model.{module}.lora_B.weight"] = m.lora_b.detach().to("cpu").contiguous().clone()
+        if getattr(m, "lora_bias", None) is not None:
+            tensors[f"base_model.model.{module}.lora_B.bias"] = m.lora_bias.detach().to("cpu").contiguous().clone()
+        if getattr(m, "magnitude", None) is not None:
+            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = m.magnitude.detach().to("cpu").contiguous().clone()
     return tensors
 
 

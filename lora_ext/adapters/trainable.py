@@ -23,6 +23,8 @@ class TrainableModule:
     lora_b: torch.Tensor  # (d_out, rank)
     rank: int
     scaling: float
+    lora_bias: torch.Tensor = None  # (d_out,) leaf: lora_B's bias (lora_bias=True)
+    magnitude: torch.Tensor = None  # (d_out,) leaf: DoRA's magnitude vector m
 
 
 class TrainableAdapter:
@@ -35,8 +37,10 @@ class TrainableAdapter:
         self.dropout = dropout
 
     def parameters(self):
-        """The leaves, in module order: lora_A then lora_B of each module."""
-        return [t for m in self.modules.values() for t in (m.lora_a, m.lora_b)]
+        """The leaves, in module order: lora_A, lora_B, then lora_B's bias and DoRA's magnitude
+        where the adapter has them, of each module."""
+        return [t for m in self.modules.values() for t in (m.lora_a, m.lora_b, m.lora_bias, m.magnitude)
+                if t is not None]
 
     def version(self):
         """Changes whenever an optimizer (or anything in place) changes a weight."""
@@ -82,19 +86,41 @@ def leaf(tensor, device):
 
 def new_adapter(name, config, modules, layers, max_rank, generator=None):
     """A trainable adapter of `config` on `modules` (patched module names it targets), initialised
-    as PEFT would."""
+    as PEFT would: with lora_bias, lora_B's bias zeros (or, with init_lora_weights=False, as
+    nn.Linear initialises a bias); with DoRA, m = ||W + scaling B A|| (so g starts at 1)."""
     trainable = {}
     for module in modules:
         layer, rank = layers[module], config.rank(module)
+        where = f"adapter {name!r}: module {module!r}"
         if rank > max_rank:
-            raise AdapterError(f"adapter {name!r}: module {module!r}: rank {rank} exceeds max_rank={max_rank}")
+            raise AdapterError(f"{where}: rank {rank} exceeds max_rank={max_rank}")
         a, b = init_weights(config.init_lora_weights, rank, *layer.full_shape, generator)
-        trainable[module] = TrainableModule(*module_leaves(layer, a, b), rank, config.scaling(module))
+        bias = magnitude = None
+        if config.lora_bias:
+            bias = torch.zeros(layer.full_shape[1])
+            if config.init_lora_weights is False:
+                bias.uniform_(-1 / math.sqrt(rank), 1 / math.sqrt(rank), generator=generator)
+        if config.use_dora:
+            magnitude = layer.dora_norm(a, b, config.scaling(module))
+        trainable[module] = module_weights(layer, where, a, b, rank, config.scaling(module), bias, magnitude)
     return TrainableAdapter(name, config, trainable, config.lora_dropout)
 
 
-def adapter_from_weights(name, config, module_weights, layers):
+def adapter_from_weights(name, config, module_weights_read, layers):
     """A trainable adapter holding the weights read from a PEFT directory (ModuleWeights)."""
-    modules = {m: TrainableModule(*module_leaves(layers[m], w.lora_a, w.lora_b), w.rank, w.scaling)
-               for m, w in module_weights.items()}
+    modules = {m: module_weights(layers[m], f"adapter {name!r}: module {m!r}", w.lora_a, w.lora_b, w.rank, w.scaling,
+                                 w.lora_bias, w.magnitude)
+               for m, w in module_weights_read.items()}
     return TrainableAdapter(name, config, modules, config.lora_dropout)
+
+
+def module_weights(layer, where, a, b, rank, scaling, bias=None, magnitude=None):
+    """A TrainableModule of leaves; a lora_B bias needs a base bias (as PEFT requires), and
+    neither it nor DoRA is trained on tensor-parallel layers yet."""
+    if bias is not None and layer.local_bias() is None:
+        raise AdapterError(f"{where}: lora_bias=True needs a base layer with a bias (as PEFT requires); this one has "
+                           "none")
+    if (bias is not None or magnitude is not None) and layer.sharding is not None:
+        raise AdapterError(f"{where}: training DoRA or a lora_B bias on a tensor-parallel layer is not supported yet")
+    extras = [None if t is None else leaf(t, layer.device) for t in (bias, magnitude)]
+    return TrainableModule(*module_leaves(layer, a, b), rank, scaling, *extras)

@@ -7,7 +7,7 @@ from torch.nn.modules import module as nn_module
 from lora_ext import ops
 from lora_ext.adapters.config import AdapterError
 from lora_ext.model.batch import current_batch
-from lora_ext.model.row_epilogue import RowEpilogue, dora_scale
+from lora_ext.model.row_epilogue import RowEpilogue, apply_tables, dora_scale, weight_norm
 from lora_ext.model.targets import is_conv1d
 
 
@@ -75,6 +75,10 @@ class LoraLayer(torch.nn.Module):
     def unmerged_bias(self):
         """The base bias without any merged lora_B bias."""
         return self.local_bias() if self.merge_backup is None else self.merge_backup[1]
+
+    def dora_norm(self, lora_a, lora_b, scaling):
+        """||W + scaling B A|| per output feature of the unmerged weight (float32, no autograd)."""
+        return weight_norm(self.unmerged_weight(), self.weight_in_out, lora_a, lora_b, scaling)
 
     def dora_scale(self, lora_a, lora_b, scaling, magnitude, where):
         """DoRA's g = m / ||W + scaling B A|| per output feature for this layer's unmerged weight."""
@@ -201,16 +205,22 @@ class LoraLayer(torch.nn.Module):
         """base(x) plus each row's delta through autograd: the batch's adapters stacked from their
         leaves (float32), the LoRA input dropped per row; the sum rounded once to the base's dtype.
         Without dropout, a float32 plain base runs inside linear_lora: no separate sum forward,
-        and its backward adds dy @ W into the LoRA's dx in one GEMM."""
+        and its backward adds dy @ W into the LoRA's dx in one GEMM. DoRA's scale and lora_B's
+        bias, built from the leaves too, apply to the float32 sum."""
         lora_a, lora_b, scales, ranks = batch.stacks(self)
+        tables = batch.epilogue_tables(self)
         if batch.dropout is None and plain and x.dtype == lora_a.dtype == weight.dtype:
             out = ops.linear_lora(x.reshape(-1, self.in_features), weight, bias, lora_a, lora_b, slot_ids, scales,
                                   ranks, plan)
-            return out.view(*x.shape[:-1], self.out_features)
+            out = out.view(*x.shape[:-1], self.out_features)
+            return out if tables is None else apply_tables(out, *tables, batch.table_rows(slot_ids))
         out = run_base()
         rows = batch.drop(x.reshape(-1, self.in_features), slot_ids).to(lora_a.dtype)
         delta = ops.lora_delta(rows, lora_a, lora_b, slot_ids, scales, ranks, plan)
-        return (out.to(delta.dtype) + delta.view(*out.shape[:-1], self.out_features)).to(out.dtype)
+        total = out.to(delta.dtype) + delta.view(*out.shape[:-1], self.out_features)
+        if tables is not None:
+            total = apply_tables(total, *tables, batch.table_rows(slot_ids))
+        return total.to(out.dtype)
 
     def _cache_op_args(self):
         """(lora_a, lora_b, scales, ranks) as the ops take them, kept until _apply replaces buffers

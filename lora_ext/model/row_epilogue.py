@@ -17,14 +17,44 @@ import torch
 from lora_ext.adapters.config import AdapterError
 
 
-def dora_scale(weight, is_conv1d, lora_a, lora_b, scaling, magnitude, where):
+def weight_norm(weight, in_out, lora_a, lora_b, scaling):
+    """||W + c B A|| over the input dimension, one value per output feature, float32, outside
+    autograd (PEFT detaches it). weight: the base weight as the layer stores it (in_out: (in, out))."""
+    with torch.no_grad():
+        w = weight.detach().float()
+        w = w.T if in_out else w
+        delta = lora_b.detach().to(device=w.device, dtype=torch.float32) @ lora_a.detach().to(device=w.device,
+                                                                                              dtype=torch.float32)
+        return torch.linalg.vector_norm(w + scaling * delta, dim=1)
+
+
+def scale_and_offset(g, bias, scaling, base_bias, width, device):
+    """The (scale, offset) rows of one slot, float32: DoRA's g (or ones) and c b (or zeros), with
+    DoRA's (1 - g) b0 added (`base_bias`: the layer's unmerged bias or None). Differentiable in g
+    and bias (training builds them from leaves)."""
+    offset = torch.zeros(width, dtype=torch.float32, device=device)
+    if bias is not None:
+        offset = offset + scaling * bias.to(device=device, dtype=torch.float32)
+    if g is None:
+        return torch.ones_like(offset), offset
+    scale = g.to(device=device, dtype=torch.float32)
+    offset = scale * offset
+    if base_bias is not None:
+        offset = offset + (1 - scale) * base_bias.detach().to(device=device, dtype=torch.float32)
+    return scale, offset
+
+
+def apply_tables(out, scale, offset, index):
+    """out (..., d_out) * scale[index] + offset[index] in float32, back in out's dtype."""
+    rows = out.reshape(-1, out.shape[-1])
+    return torch.addcmul(offset[index], rows.float(), scale[index]).to(out.dtype).view(out.shape)
+
+
+def dora_scale(weight, in_out, lora_a, lora_b, scaling, magnitude, where):
     """g = m / ||W + c B A|| per output feature, float32 (W: the base weight as the layer stores
     it, unmerged). Refuses a zero or non-finite norm or g (the adapter would produce NaN)."""
-    w = weight.detach().float()
-    w = w.T if is_conv1d else w
-    delta = lora_b.to(device=w.device, dtype=torch.float32) @ lora_a.to(device=w.device, dtype=torch.float32)
-    norm = torch.linalg.vector_norm(w + scaling * delta, dim=1)
-    g = magnitude.to(device=w.device, dtype=torch.float32) / norm
+    norm = weight_norm(weight, in_out, lora_a, lora_b, scaling)
+    g = magnitude.detach().to(device=norm.device, dtype=torch.float32) / norm
     if not torch.isfinite(g).all():
         bad = int((~torch.isfinite(g)).sum())
         raise AdapterError(f"{where}: DoRA's scale m / ||W + scaling * B A|| is NaN or infinite for {bad} output "
@@ -53,14 +83,8 @@ class RowEpilogue(torch.nn.Module):
                 self.row_offset[slot + 1].zero_()
                 self.slots.discard(slot)
             return
-        device = self.row_scale.device
-        offset = torch.zeros(self.row_offset.shape[1], dtype=torch.float32, device=device)
-        if bias is not None:
-            offset += weights.scaling * bias.to(device=device, dtype=torch.float32)
-        scale = torch.ones_like(offset)
-        if g is not None:
-            scale = g.to(device=device, dtype=torch.float32)
-            offset = scale * offset + (0.0 if base_bias is None else (1 - scale) * base_bias.detach().float())
+        scale, offset = scale_and_offset(g, bias, weights.scaling, base_bias, self.row_offset.shape[1],
+                                         self.row_scale.device)
         self.row_scale[slot + 1].copy_(scale, non_blocking=non_blocking)
         self.row_offset[slot + 1].copy_(offset, non_blocking=non_blocking)
         self.slots.add(slot)
@@ -70,9 +94,7 @@ class RowEpilogue(torch.nn.Module):
 
     def forward(self, out, index):
         """out (..., d_out) * row_scale[index] + row_offset[index], index: each row's slot + 1."""
-        rows = out.reshape(-1, out.shape[-1])
-        result = torch.addcmul(self.row_offset[index], rows.float(), self.row_scale[index])
-        return result.to(out.dtype).view(out.shape)
+        return apply_tables(out, self.row_scale, self.row_offset, index)
 
     def _apply(self, fn, *args, **kwargs):
         """.half() and the like must not round the tables: they follow the device only."""

@@ -14,6 +14,12 @@ import torch.nn.functional as F
 
 from lora_ext.adapters.trainable import ADAPTER_DTYPE
 from lora_ext.model.batch import BatchRows
+from lora_ext.model.row_epilogue import scale_and_offset
+
+
+def _extras(module_weights):
+    """Whether a module's weights (trainable or frozen) have DoRA or a lora_B bias."""
+    return any(getattr(module_weights, k, None) is not None for k in ("lora_bias", "magnitude", "dora_scale"))
 
 
 class TrainBatch(BatchRows):
@@ -35,11 +41,12 @@ class TrainBatch(BatchRows):
         # each adapter's weights: a TrainableAdapter (leaves) or the frozen one's AdapterSlotWeights
         self.sources = [store.trainable(n) or store.slot_weights(n) for n in self.adapters]
         for name, src in zip(self.adapters, self.sources):
-            if getattr(src, "saved", None) or any(getattr(m, "lora_bias", None) is not None
-                                                  or getattr(m, "dora_scale", None) is not None
-                                                  for m in src.modules.values()):
-                raise ValueError(f"lora_ext: adapter {name!r} has DoRA, a lora_B bias or modules_to_save, which "
-                                 "training batches do not support yet; serve it in eval() batches")
+            if getattr(src, "saved", None):
+                raise ValueError(f"lora_ext: adapter {name!r} has modules_to_save, which training batches do not "
+                                 "support yet; serve it in eval() batches")
+            if fixed_shape is not None and any(_extras(m) for m in src.modules.values()):
+                raise ValueError(f"lora_ext: adapter {name!r} has DoRA or a lora_B bias, which compiled training "
+                                 "batches (mm.compile()) do not support yet")
         dropout = [getattr(src, "dropout", 0.0) for src in self.sources]
         dropout += [0.0] * (slots - len(dropout))
         # with dropout the layers take another path; a compiled model's takes the same one for
@@ -67,6 +74,28 @@ class TrainBatch(BatchRows):
             return self.fixed[layer.module_name]
         ranks = [e.rank for e in (src.modules.get(layer.module_name) for src in self.sources) if e is not None]
         return self._stack(layer, len(self.sources), max([1] + ranks))
+
+    def epilogue_tables(self, layer):
+        """(scale, offset) (slots + 1, d_out) float32 for `layer`, or None when no adapter of the
+        batch has DoRA or a lora_B bias there (lora_ext/model/row_epilogue.py): from the leaves,
+        so m and the bias get their gradients (DoRA's norm is recomputed from the current A and B
+        and detached, as PEFT does); a frozen adapter's from its slot weights. Row 0: base rows."""
+        if self.fixed is not None:  # a compiled model's batch: no adapter has them (checked above), no branching
+            return None
+        entries = [src.modules.get(layer.module_name) for src in self.sources]
+        if not any(e is not None and _extras(e) for e in entries):
+            return None
+        width, base_bias = layer.out_features, layer.unmerged_bias()
+        rows = [scale_and_offset(None, None, 0.0, None, width, self.device)]
+        for e in entries + [None] * (self.num_slots - len(entries)):
+            if e is None or not _extras(e):
+                rows.append(scale_and_offset(None, None, 0.0, None, width, self.device))
+                continue
+            g = getattr(e, "dora_scale", None)  # a frozen adapter's, computed at load
+            if getattr(e, "magnitude", None) is not None:
+                g = e.magnitude / layer.dora_norm(e.lora_a, e.lora_b, e.scaling).to(self.device)
+            rows.append(scale_and_offset(g, e.lora_bias, e.scaling, base_bias, width, self.device))
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
     def _stack(self, layer, slots, max_rank, fixed=False):
         """The stacks of `layer` with `slots` entries of `max_rank` rows: the batch's adapters

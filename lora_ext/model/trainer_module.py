@@ -44,6 +44,9 @@ class TrainerModule(torch.nn.Module):
                 key = f"{name}/{module}".replace(".", ":")
                 self.weights[f"{key}/lora_A"] = weights.lora_a
                 self.weights[f"{key}/lora_B"] = weights.lora_b
+                for extra, leaf in (("lora_B_bias", weights.lora_bias), ("lora_magnitude_vector", weights.magnitude)):
+                    if leaf is not None:
+                        self.weights[f"{key}/{extra}"] = leaf
         self.mm[0].train(self.training)
 
     def train(self, mode=True):
