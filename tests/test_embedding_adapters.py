@@ -113,17 +113,62 @@ def test_a_changed_base_copy_is_refused(tmp_path):
     assert mm.adapters() == []
 
 
-def test_dora_on_an_embedding_and_training_refused(tmp_path):
+def test_dora_on_an_embedding_refused(tmp_path):
     path = save_adapter("llama", str(tmp_path / "d"), r=4, lora_alpha=8, use_dora=True,
                         target_modules=["q_proj", "embed_tokens"])
     mm = lora_ext.patch_model(build_model("llama"), target_modules=["all-linear", "embed_tokens"], max_rank=8)
     with pytest.raises(lora_ext.AdapterError, match=r"module 'model.embed_tokens': DoRA on an embedding layer"):
         mm.load_adapter("d", path)
-    plain = save_adapter("llama", str(tmp_path / "e"), r=4, lora_alpha=8, target_modules=["embed_tokens"])
-    with pytest.raises(lora_ext.AdapterError, match="training embedding adapters"):
-        mm.load_adapter("e", plain, trainable=True)
-    with pytest.raises(lora_ext.AdapterError, match="training embedding adapters"):
-        mm.add_adapter("f", dict(r=4, lora_alpha=8, target_modules=["embed_tokens"]))
     mm.add_adapter("g", dict(r=4, lora_alpha=8, target_modules="all-linear"))  # PEFT's all-linear: no embedding
     assert all(not mm.layers[m].is_embedding for m in mm.store.trainable("g").modules)
     assert [a["name"] for a in mm.adapters()] == ["g"]
+
+
+def test_training_an_embedding_adapter_matches_peft(tmp_path):
+    """A new embedding adapter and one loaded from a file, trained in one mixed batch with a base
+    row: each leaf's gradient equals PEFT's for that adapter alone on its rows; the trained
+    adapter saves as a PEFT directory that PEFT serves as lora_ext does."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_ext.losses import per_adapter_loss
+
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    mm = lora_ext.patch_model(build_model("llama"), target_modules=["all-linear", "embed_tokens"], max_rank=8)
+    mm.add_adapter("new", config, generator=torch.Generator().manual_seed(1))
+    loaded = save_adapter("llama", str(tmp_path / "loaded"), seed=2,
+                          **{k: v for k, v in config.items() if k != "init_lora_weights"})
+    mm.load_adapter("loaded", loaded, trainable=True)
+    names = ["new", "__base__", "loaded", "new"]
+    ids = torch.randint(3, 96, (4, 9), generator=torch.Generator().manual_seed(3))
+    references = {}
+    for name in ("new", "loaded"):
+        model = get_peft_model(build_model("llama"), LoraConfig(**config))
+        with torch.no_grad():
+            for module, w in mm.store.trainable(name).modules.items():
+                layer = model.get_submodule(f"base_model.model.{module}")
+                if module.endswith("embed_tokens"):
+                    layer.lora_embedding_A["default"].copy_(w.lora_a)
+                    layer.lora_embedding_B["default"].copy_(w.lora_b)
+                else:
+                    layer.lora_A["default"].weight.copy_(w.lora_a)
+                    layer.lora_B["default"].weight.copy_(w.lora_b)
+        references[name] = model
+    mm.train()
+    per_adapter_loss(mm(input_ids=ids, adapter_names=names).logits, ids, names)[0].backward()
+    for name, model in references.items():
+        rows = oracle.rows_of(name, names)
+        logits = model(input_ids=ids[rows]).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), ids[rows][:, 1:].reshape(-1)).backward()
+        for module, w in mm.store.trainable(name).modules.items():
+            layer = model.get_submodule(f"base_model.model.{module}")
+            theirs = ((layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]) if module.endswith(
+                "embed_tokens") else (layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+            for ours, their in zip((w.lora_a, w.lora_b), theirs):
+                rel = float((ours.grad - their.grad).norm() / their.grad.norm())
+                assert rel < 1e-5, f"{name} {module}: gradient relative difference {rel:.2e}"
+    torch.optim.SGD(mm.adapter_parameters("new"), lr=1.0).step()
+    mm.eval()
+    mm.save_adapter("new", tmp_path / "saved")
+    ids, mask = oracle.batch("cpu", 2, seed=4)
+    oracle.assert_matches_peft(mm(input_ids=ids, attention_mask=mask, adapter_names=["new", "new"]).logits, "llama",
+                               {"new": str(tmp_path / "saved")}, ids, mask, ["new", "new"], FP32_RTOL)

@@ -31,13 +31,16 @@ def peft_config(adapter, task_type=None, base_model_name_or_path=None, fan_in_fa
     }
 
 
-def peft_tensors(adapter):
+def peft_tensors(adapter, embedding_modules=()):
     """{key: tensor} as PEFT saves them: base_model.model.<module>.lora_A.weight (r, d_in), lora_B (d_out, r),
-    lora_B.bias (d_out,) and lora_magnitude_vector (d_out,) where the adapter has them."""
+    lora_B.bias (d_out,) and lora_magnitude_vector (d_out,) where the adapter has them; an embedding's
+    lora_embedding_A (r, num_embeddings) and lora_embedding_B (dim, r)."""
     tensors = {}
     for module, m in adapter.modules.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = m.lora_a.detach().to("cpu").contiguous().clone()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = m.lora_b.detach().to("cpu").contiguous().clone()
+        a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if module in embedding_modules
+                        else ("lora_A.weight", "lora_B.weight"))
+        tensors[f"base_model.model.{module}.{a_key}"] = m.lora_a.detach().to("cpu").contiguous().clone()
+        tensors[f"base_model.model.{module}.{b_key}"] = m.lora_b.detach().to("cpu").contiguous().clone()
         if getattr(m, "lora_bias", None) is not None:
             tensors[f"base_model.model.{module}.lora_B.bias"] = m.lora_bias.detach().to("cpu").contiguous().clone()
         if getattr(m, "magnitude", None) is not None:
@@ -45,9 +48,10 @@ def peft_tensors(adapter):
     return tensors
 
 
-def save_peft_adapter(adapter, directory, *, overwrite=False, **config_fields):
+def save_peft_adapter(adapter, directory, *, overwrite=False, embedding_modules=(), **config_fields):
     """Writes `adapter` (a TrainableAdapter) into `directory`; refuses an existing directory unless
-    `overwrite`. The files appear together or not at all."""
+    `overwrite`. The files appear together or not at all. embedding_modules: its modules that are
+    embeddings (their keys differ)."""
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
@@ -56,5 +60,6 @@ def save_peft_adapter(adapter, directory, *, overwrite=False, **config_fields):
     if any(not torch.isfinite(t).all() for t in adapter.parameters()):
         raise AdapterError(f"adapter {adapter.name!r}: its weights hold NaN or infinite values; not saved")
     with atomic.atomic_directory(directory) as tmp:
-        save_file(peft_tensors(adapter), os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(peft_tensors(adapter, embedding_modules), os.path.join(tmp, "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
         atomic.write_json(os.path.join(tmp, "adapter_config.json"), peft_config(adapter, **config_fields), indent=2)

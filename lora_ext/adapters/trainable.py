@@ -68,6 +68,17 @@ def init_weights(init, rank, d_in, d_out, generator=None):
     return a, b
 
 
+def init_embedding_weights(init, rank, num_embeddings, dim, generator=None):
+    """(A (r, num_embeddings), B (dim, r)) as PEFT initialises an embedding's adapter: True or
+    "gaussian": A zeros, B standard normal; False: both standard normal."""
+    if init not in (True, False, "gaussian"):
+        raise AdapterError(f"init_lora_weights={init!r} is not implemented for new trainable adapters "
+                           "(True, \"gaussian\" and False are)")
+    a = torch.zeros(rank, num_embeddings) if init is not False else torch.randn(rank, num_embeddings,
+                                                                                 generator=generator)
+    return a, torch.randn(dim, rank, generator=generator)
+
+
 def module_leaves(layer, lora_a, lora_b):
     """(A, B) leaves of one module from its whole weights: this rank's part under tensor
     parallelism (the replicated half then sums its gradient over the ranks)."""
@@ -94,7 +105,10 @@ def new_adapter(name, config, modules, layers, max_rank, generator=None):
         where = f"adapter {name!r}: module {module!r}"
         if rank > max_rank:
             raise AdapterError(f"{where}: rank {rank} exceeds max_rank={max_rank}")
-        a, b = init_weights(config.init_lora_weights, rank, *layer.full_shape, generator)
+        if layer.is_embedding:
+            a, b = init_embedding_weights(config.init_lora_weights, rank, *layer.full_shape, generator)
+        else:
+            a, b = init_weights(config.init_lora_weights, rank, *layer.full_shape, generator)
         bias = magnitude = None
         if config.lora_bias:
             bias = torch.zeros(layer.full_shape[1])

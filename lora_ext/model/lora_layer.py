@@ -189,12 +189,16 @@ class LoraLayer(torch.nn.Module):
     def _embedding_forward(self, batch, base, ids):
         """The embeddings of `ids` plus each token's c B A[:, token], grouped by slot in the op: the
         token's column of A (gathered) is the op's input, through an identity shrink."""
-        if batch.training:
-            raise ValueError(f"lora_ext: module {self.module_name!r}: training embedding adapters is not "
-                             "implemented yet")
         out = base(ids)
         tokens = ids.reshape(-1)
         slot_ids, plan = batch.slots_and_plan(tokens.numel())
+        if batch.training:  # the batch's stacks, from the leaves (PEFT applies no dropout here)
+            lora_a, lora_b, scales, ranks = batch.stacks(self)
+            slots, rank = lora_a.shape[:2]
+            identity = torch.eye(rank, dtype=lora_a.dtype, device=lora_a.device).expand(slots, rank, rank)
+            a_columns = lora_a[slot_ids.clamp(min=0), :, tokens]  # (T, R)
+            delta = ops.lora_delta(a_columns, identity.contiguous(), lora_b, slot_ids, scales, ranks, plan)
+            return (out.to(delta.dtype) + delta.view(out.shape)).to(out.dtype)
         lora_a, lora_b, scales, ranks = self._op_args
         a_columns = lora_a[slot_ids.clamp(min=0), :, tokens]  # (T, R)
         ops.add_lora_(out.view(-1, self.out_features), a_columns, self._buffers["identity"], lora_b, slot_ids, scales,

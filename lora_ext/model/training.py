@@ -65,12 +65,8 @@ class TrainingMixin:
         parsed = parse_config(name, config_fields(config), "the config given to add_adapter")
         _refuse_untrainable(name, parsed)
         modules = modules_targeted_by(parsed, list(self.layers))
-        embeddings = [m for m in modules if self.layers[m].is_embedding]
-        if embeddings and parsed.target_modules == "all-linear":  # PEFT's all-linear leaves embeddings out
-            modules = [m for m in modules if m not in embeddings]
-        elif embeddings:
-            raise AdapterError(f"adapter {name!r}: training embedding adapters ({embeddings[0]!r}) is not "
-                               "implemented yet")
+        if parsed.target_modules == "all-linear":  # PEFT's all-linear leaves embeddings out
+            modules = [m for m in modules if not self.layers[m].is_embedding]
         if not modules:
             raise AdapterError(f"adapter {name!r}: target_modules={parsed.target_modules!r} targets none of the "
                                f"patched modules (they look like {sorted(self.layers)[:3]})")
@@ -80,10 +76,6 @@ class TrainingMixin:
         adapter = read_peft_adapter(name, path, allow_pickle=allow_pickle, max_rank=self.max_rank,
                                     modules={m: layer.full_shape for m, layer in self.layers.items()})
         _refuse_untrainable(name, adapter.config)
-        embeddings = [m for m in adapter.modules if self.layers[m].is_embedding]
-        if embeddings:
-            raise AdapterError(f"adapter {name!r}: training embedding adapters ({embeddings[0]!r}) is not implemented "
-                               "yet; load it without trainable=True to serve it")
         self.store.register_trainable(adapter_from_weights(name, adapter.config, adapter.modules, self.layers), path)
 
     def adapter_parameters(self, name):
@@ -129,8 +121,11 @@ class TrainingMixin:
         conv1d = any(self.layers[m].is_conv1d for m in trainable.modules)
         task = "CAUSAL_LM" if hasattr(self.model, "generate") and hasattr(self.model, "get_output_embeddings") else None
 
+        embeddings = {m for m in trainable.modules if self.layers[m].is_embedding}
+
         def save(adapter):
-            save_peft_adapter(adapter, directory, overwrite=overwrite, task_type=task, fan_in_fan_out=conv1d,
+            save_peft_adapter(adapter, directory, overwrite=overwrite, embedding_modules=embeddings, task_type=task,
+                              fan_in_fan_out=conv1d,
                               base_model_name_or_path=getattr(model_config, "_name_or_path", None) or None)
         if self._tp_group is None:
             return save(trainable)
