@@ -117,9 +117,9 @@ def test_refused_inputs(tmp_path, arch_paths):
         with pytest.raises(lora_ext.AdapterError, match=r"module 'lm_head': weight has shape \(100, 64\), but the "
                                                         r"model's is \(96, 64\)"):
             mm.load_adapter("wide", wide)
-    with pytest.raises(lora_ext.AdapterError, match="training adapters with modules_to_save is not implemented"):
-        mm.load_adapter("t", paths["head"], trainable=True)
     assert mm.adapters() == []
+    with pytest.raises(lora_ext.AdapterError, match=r"modules_to_save=\['classifier'\] names no module the model serves"):
+        mm.add_adapter("t", dict(r=4, lora_alpha=8, target_modules=[LINEAR[arch]], modules_to_save=["classifier"]))
     with pytest.raises(ValueError, match=r"modules_to_save=\['classifier'\]: no module of .* is named \['classifier'\]"):
         lora_ext.patch_model(build_model(arch), modules_to_save=["classifier"])
     with pytest.raises(ValueError, match="both LoRA targets and modules_to_save"):
@@ -138,3 +138,56 @@ def test_nan_copy_refused(tmp_path):
     with pytest.raises(lora_ext.AdapterError, match=r"adapter 'n': modules_to_save module 'lm_head': weight holds 1 NaN"):
         mm.load_adapter("n", path)
     assert mm.adapters() == []
+
+
+def test_training_a_module_copy_matches_peft(tmp_path):
+    """A new adapter with an lm_head copy and a loaded one with an embedding copy, trained in one
+    mixed batch with a base row: every leaf's gradient (A, B and the copies) equals PEFT's for that
+    adapter alone on its rows; the trained adapter saves as a PEFT directory PEFT serves alike."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_ext.losses import per_adapter_loss
+
+    configs = {"head": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+               "embed": dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["embed_tokens"])}
+    mm = lora_ext.patch_model(build_model("llama"), max_rank=8, modules_to_save=["lm_head", "embed_tokens"])
+    mm.add_adapter("head", dict(configs["head"], init_lora_weights=False), generator=torch.Generator().manual_seed(1))
+    mm.load_adapter("embed", save_adapter("llama", str(tmp_path / "embed"), seed=2, **configs["embed"]),
+                    trainable=True)
+    names = ["embed", "head", "__base__", "head"]
+    ids = torch.randint(3, 96, (4, 9), generator=torch.Generator().manual_seed(3))
+    references = {}
+    for name, config in configs.items():
+        model = get_peft_model(build_model("llama"), LoraConfig(**config))
+        trainable = mm.store.trainable(name)
+        with torch.no_grad():
+            for module, w in trainable.modules.items():
+                layer = model.get_submodule(f"base_model.model.{module}")
+                layer.lora_A["default"].weight.copy_(w.lora_a)
+                layer.lora_B["default"].weight.copy_(w.lora_b)
+            for module, copy in trainable.saved.items():
+                model.get_submodule(f"base_model.model.{module}").modules_to_save["default"].weight.copy_(copy["weight"])
+        references[name] = model
+    mm.train()
+    per_adapter_loss(mm(input_ids=ids, adapter_names=names).logits, ids, names)[0].backward()
+    for name, model in references.items():
+        rows = oracle.rows_of(name, names)
+        logits = model(input_ids=ids[rows]).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), ids[rows][:, 1:].reshape(-1)).backward()
+        trainable = mm.store.trainable(name)
+        pairs = []
+        for module, w in trainable.modules.items():
+            layer = model.get_submodule(f"base_model.model.{module}")
+            pairs += [(w.lora_a, layer.lora_A["default"].weight), (w.lora_b, layer.lora_B["default"].weight)]
+        for module, copy in trainable.saved.items():
+            pairs.append((copy["weight"], model.get_submodule(f"base_model.model.{module}").modules_to_save["default"].weight))
+        assert len(pairs) == 2 * len(trainable.modules) + 1
+        for ours, theirs in pairs:
+            rel = float((ours.grad - theirs.grad).norm() / theirs.grad.norm())
+            assert rel < 1e-5, f"{name}: gradient relative difference {rel:.2e}"
+    torch.optim.SGD(mm.adapter_parameters("head"), lr=1.0).step()
+    mm.eval()
+    mm.save_adapter("head", tmp_path / "saved")
+    ids, mask = oracle.batch("cpu", 2, seed=4)
+    oracle.assert_matches_peft(mm(input_ids=ids, attention_mask=mask, adapter_names=["head", "head"]).logits, "llama",
+                               {"head": str(tmp_path / "saved")}, ids, mask, ["head", "head"], FP32_RTOL)

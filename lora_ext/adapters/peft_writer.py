@@ -26,7 +26,7 @@ def peft_config(adapter, task_type=None, base_model_name_or_path=None, fan_in_fa
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": config.use_rslora,
         "lora_dropout": config.lora_dropout, "bias": "none", "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True, "use_dora": config.use_dora, "lora_bias": config.lora_bias,
-        "modules_to_save": None, "layers_to_transform": None,
+        "modules_to_save": sorted(getattr(adapter, "saved", {})) or None, "layers_to_transform": None,
         "layers_pattern": None, "inference_mode": True, "revision": None,
     }
 
@@ -45,6 +45,9 @@ def peft_tensors(adapter, embedding_modules=()):
             tensors[f"base_model.model.{module}.lora_B.bias"] = m.lora_bias.detach().to("cpu").contiguous().clone()
         if getattr(m, "magnitude", None) is not None:
             tensors[f"base_model.model.{module}.lora_magnitude_vector"] = m.magnitude.detach().to("cpu").contiguous().clone()
+    for module, copy in getattr(adapter, "saved", {}).items():  # modules_to_save, as PEFT names them
+        for which, t in copy.items():
+            tensors[f"base_model.model.{module}.{which}"] = t.detach().to("cpu").contiguous().clone()
     return tensors
 
 

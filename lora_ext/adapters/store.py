@@ -159,7 +159,8 @@ class AdapterStore:
             weights = self._cast_for_slots(trainable)
             self._registry[name] = AdapterRecord(name, None if path is None else str(path), False,
                                                  {m: w.rank for m, w in trainable.modules.items()},
-                                                 {m: w.scaling for m, w in trainable.modules.items()}, weights.nbytes)
+                                                 {m: w.scaling for m, w in trainable.modules.items()}, weights.nbytes,
+                                                 tuple(sorted(weights.saved)))
             self._trainable[name] = trainable
         logger.info("added trainable adapter %r: %d modules", name, len(trainable.modules))
 

@@ -30,17 +30,18 @@ class TrainableModule:
 class TrainableAdapter:
     """One adapter's trainable weights: {module name: TrainableModule}, its config, its dropout."""
 
-    def __init__(self, name, config, modules, dropout=0.0):
+    def __init__(self, name, config, modules, dropout=0.0, saved=None):
         self.name = name
         self.config = config
         self.modules = modules
         self.dropout = dropout
+        self.saved = saved or {}  # modules_to_save: {module name: {"weight": leaf, "bias": leaf}}
 
     def parameters(self):
         """The leaves, in module order: lora_A, lora_B, then lora_B's bias and DoRA's magnitude
-        where the adapter has them, of each module."""
+        where the adapter has them, of each module; then the module copies (modules_to_save)."""
         return [t for m in self.modules.values() for t in (m.lora_a, m.lora_b, m.lora_bias, m.magnitude)
-                if t is not None]
+                if t is not None] + [t for copy in self.saved.values() for t in copy.values()]
 
     def version(self):
         """Changes whenever an optimizer (or anything in place) changes a weight."""
@@ -95,7 +96,7 @@ def leaf(tensor, device):
     return torch.nn.Parameter(tensor.detach().to(device=device, dtype=ADAPTER_DTYPE).clone())
 
 
-def new_adapter(name, config, modules, layers, max_rank, generator=None):
+def new_adapter(name, config, modules, layers, max_rank, generator=None, saved_layers=None):
     """A trainable adapter of `config` on `modules` (patched module names it targets), initialised
     as PEFT would: with lora_bias, lora_B's bias zeros (or, with init_lora_weights=False, as
     nn.Linear initialises a bias); with DoRA, m = ||W + scaling B A|| (so g starts at 1)."""
@@ -117,15 +118,36 @@ def new_adapter(name, config, modules, layers, max_rank, generator=None):
         if config.use_dora:
             magnitude = layer.dora_norm(a, b, config.scaling(module))
         trainable[module] = module_weights(layer, where, a, b, rank, config.scaling(module), bias, magnitude)
-    return TrainableAdapter(name, config, trainable, config.lora_dropout)
+    return TrainableAdapter(name, config, trainable, config.lora_dropout,
+                            new_copies(name, config, saved_layers or {}))
 
 
-def adapter_from_weights(name, config, module_weights_read, layers):
-    """A trainable adapter holding the weights read from a PEFT directory (ModuleWeights)."""
+def new_copies(name, config, saved_layers):
+    """modules_to_save: a copy of each named module's base weights (PEFT starts its copies so), as
+    leaves; the model must have been patched to serve copies of them."""
+    if not config.modules_to_save:
+        return {}
+    chosen = {m: layer for m, layer in saved_layers.items()
+              if any(m == t or m.endswith("." + t) for t in config.modules_to_save)}
+    if not chosen:
+        raise AdapterError(f"adapter {name!r}: modules_to_save={list(config.modules_to_save)!r} names no module the "
+                           f"model serves copies of (patch_model(..., modules_to_save=[...]) lists {sorted(saved_layers)})")
+    return {m: copy_leaves(layer, {"weight": layer.weight, "bias": layer.bias}) for m, layer in chosen.items()}
+
+
+def copy_leaves(layer, copy):
+    """A module copy ({"weight", "bias"}; bias may be None) as float32 leaves on the layer's device."""
+    return {which: leaf(t, layer.device) for which, t in copy.items() if t is not None}
+
+
+def adapter_from_weights(name, config, module_weights_read, layers, saved=None, saved_layers=None):
+    """A trainable adapter holding the weights read from a PEFT directory (ModuleWeights, and the
+    module copies read for modules_to_save)."""
     modules = {m: module_weights(layers[m], f"adapter {name!r}: module {m!r}", w.lora_a, w.lora_b, w.rank, w.scaling,
                                  w.lora_bias, w.magnitude)
                for m, w in module_weights_read.items()}
-    return TrainableAdapter(name, config, modules, config.lora_dropout)
+    copies = {m: copy_leaves(saved_layers[m], copy) for m, copy in (saved or {}).items()}
+    return TrainableAdapter(name, config, modules, config.lora_dropout, copies)
 
 
 def module_weights(layer, where, a, b, rank, scaling, bias=None, magnitude=None):

@@ -14,9 +14,20 @@ import torch.nn.functional as F
 from lora_ext.model.batch import current_batch
 
 
+def _is_dtensor(tensor):
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 class SavedModuleLayer(torch.nn.Module):
     def __init__(self, base_layer, module_name, max_adapters, owner):
         super().__init__()
+        if _is_dtensor(base_layer.weight):
+            raise ValueError(f"lora_ext: modules_to_save module {module_name!r} is tensor-parallel; copies of sharded "
+                             "modules are not supported yet")
         if type(base_layer) not in (torch.nn.Linear, torch.nn.Embedding):
             raise ValueError(f"lora_ext: modules_to_save module {module_name!r} is a {type(base_layer).__name__}; "
                              "lora_ext serves copies of torch.nn.Linear and torch.nn.Embedding modules")
@@ -81,23 +92,31 @@ class SavedModuleLayer(torch.nn.Module):
         base = self._modules["base_layer"]
         out = base(x, *args, **kwargs)
         batch = current_batch(self._owner)
-        if batch is None or not batch.any_adapter or self.slots.isdisjoint(batch.slots):
+        if batch is None or not batch.any_adapter:
             return out
-        if batch.training:
-            raise ValueError(f"lora_ext: module {self.module_name!r}: training modules_to_save copies is not "
-                             "implemented yet")
-        width = out.shape[-1]
+        if batch.training:  # the batch's copies (trainable leaves among them), through autograd
+            copies = batch.module_copies(self.module_name)
+        elif self.slots.isdisjoint(batch.slots):
+            return out
+        else:
+            copies = [(slot, {"weight": self.weights[slot], "bias": None if self.biases is None else self.biases[slot]})
+                      for slot in sorted(self.slots & batch.slots)]
         rows_in = x.reshape(-1) if self.is_embedding else x.reshape(-1, x.shape[-1])
         slot_ids, _ = batch.slots_and_plan(rows_in.shape[0])
-        flat = out.view(-1, width)
-        for slot in sorted(self.slots & batch.slots):
+        flat = out.view(-1, out.shape[-1])
+        for slot, copy in copies:
             rows = (slot_ids == slot).nonzero().squeeze(1)
+            weight = copy["weight"]
             if self.is_embedding:
-                flat[rows] = F.embedding(rows_in[rows], self.weights[slot], base.padding_idx)
+                values = F.embedding(rows_in[rows], weight, base.padding_idx)
             else:
-                flat[rows] = F.linear(rows_in[rows], self.weights[slot], None if self.biases is None
-                                      else self.biases[slot])
-        return out
+                values = F.linear(rows_in[rows].to(weight.dtype), weight, copy.get("bias"))
+            # out of place under autograd (the copies may be leaves), in place when serving
+            if batch.training:
+                flat = flat.index_put((rows,), values.to(flat.dtype))
+            else:
+                flat[rows] = values.to(flat.dtype)
+        return flat.view(out.shape)
 
     def extra_repr(self):
         return f"{self.module_name}: copies in {self.weights.shape[0]} slots"

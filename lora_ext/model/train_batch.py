@@ -41,12 +41,9 @@ class TrainBatch(BatchRows):
         # each adapter's weights: a TrainableAdapter (leaves) or the frozen one's AdapterSlotWeights
         self.sources = [store.trainable(n) or store.slot_weights(n) for n in self.adapters]
         for name, src in zip(self.adapters, self.sources):
-            if getattr(src, "saved", None):
-                raise ValueError(f"lora_ext: adapter {name!r} has modules_to_save, which training batches do not "
-                                 "support yet; serve it in eval() batches")
-            if fixed_shape is not None and any(_extras(m) for m in src.modules.values()):
-                raise ValueError(f"lora_ext: adapter {name!r} has DoRA or a lora_B bias, which compiled training "
-                                 "batches (mm.compile()) do not support yet")
+            if fixed_shape is not None and (src.saved or any(_extras(m) for m in src.modules.values())):
+                raise ValueError(f"lora_ext: adapter {name!r} has DoRA, a lora_B bias or modules_to_save, which "
+                                 "compiled training batches (mm.compile()) do not support yet")
         dropout = [getattr(src, "dropout", 0.0) for src in self.sources]
         dropout += [0.0] * (slots - len(dropout))
         # with dropout the layers take another path; a compiled model's takes the same one for
@@ -74,6 +71,12 @@ class TrainBatch(BatchRows):
             return self.fixed[layer.module_name]
         ranks = [e.rank for e in (src.modules.get(layer.module_name) for src in self.sources) if e is not None]
         return self._stack(layer, len(self.sources), max([1] + ranks))
+
+    def module_copies(self, module):
+        """[(batch slot, {"weight", "bias"})] of the batch's adapters that have their own copy of
+        `module` (modules_to_save): a trainable adapter's leaves, a frozen one's weights."""
+        return [(i, {k: t.to(self.device) for k, t in src.saved[module].items()})
+                for i, src in enumerate(self.sources) if module in src.saved]
 
     def epilogue_tables(self, layer):
         """(scale, offset) (slots + 1, d_out) float32 for `layer`, or None when no adapter of the

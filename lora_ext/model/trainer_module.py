@@ -47,6 +47,9 @@ class TrainerModule(torch.nn.Module):
                 for extra, leaf in (("lora_B_bias", weights.lora_bias), ("lora_magnitude_vector", weights.magnitude)):
                     if leaf is not None:
                         self.weights[f"{key}/{extra}"] = leaf
+            for module, copy in trainable.saved.items():  # modules_to_save copies
+                for which, leaf in copy.items():
+                    self.weights[f"{name}/{module}".replace(".", ":") + f"/copy_{which}"] = leaf
         self.mm[0].train(self.training)
 
     def train(self, mode=True):

@@ -40,9 +40,6 @@ def config_fields(config):
 
 def _refuse_untrainable(name, config):
     """Adapters lora_ext serves but does not train yet."""
-    if config.modules_to_save:
-        raise AdapterError(f"adapter {name!r}: training adapters with modules_to_save is not implemented yet; load "
-                           "it without trainable=True to serve it")
     if config.use_dora and config.lora_dropout:
         raise AdapterError(f"adapter {name!r}: training DoRA with lora_dropout={config.lora_dropout:g} is not "
                            "implemented yet (PEFT then recomputes the base output from the dropped input)")
@@ -70,13 +67,16 @@ class TrainingMixin:
         if not modules:
             raise AdapterError(f"adapter {name!r}: target_modules={parsed.target_modules!r} targets none of the "
                                f"patched modules (they look like {sorted(self.layers)[:3]})")
-        self.store.register_trainable(new_adapter(name, parsed, modules, self.layers, self.max_rank, generator))
+        self.store.register_trainable(new_adapter(name, parsed, modules, self.layers, self.max_rank, generator,
+                                                  self.saved_layers))
 
     def _load_trainable(self, name, path, allow_pickle):
         adapter = read_peft_adapter(name, path, allow_pickle=allow_pickle, max_rank=self.max_rank,
-                                    modules={m: layer.full_shape for m, layer in self.layers.items()})
+                                    modules={m: layer.full_shape for m, layer in self.layers.items()},
+                                    saved_modules={m: layer.shapes for m, layer in self.saved_layers.items()})
         _refuse_untrainable(name, adapter.config)
-        self.store.register_trainable(adapter_from_weights(name, adapter.config, adapter.modules, self.layers), path)
+        self.store.register_trainable(adapter_from_weights(name, adapter.config, adapter.modules, self.layers,
+                                                           adapter.saved, self.saved_layers), path)
 
     def adapter_parameters(self, name):
         """The trainable adapter's leaf tensors (lora_A and lora_B of each module, float32), for any
