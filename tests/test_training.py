@@ -317,7 +317,7 @@ def test_serving_follows_training_steps():
     (dict(r=4, lora_alpha=8, target_modules=["nothing_like_this"]), r"targets none of the patched modules"),
     (dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True), r"lora_bias=True needs a base layer with a bias"),
     (dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
-     r"training adapters with modules_to_save is not implemented"),
+     r"modules_to_save=\[.lm_head.\] names no module the model serves copies of"),
     (dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=1.5), r"'lora_dropout' must be a number in \[0, 1\)"),
     (dict(r=4, lora_alpha=float("inf"), target_modules=["q_proj"]), r"'lora_alpha'"),
     (dict(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="pissa"), r"init_lora_weights='pissa'"),
