@@ -40,6 +40,9 @@ def inspect_adapter(path, allow_pickle=False, max_rank=None, out=None):
         if max_rank is not None and w.rank > max_rank:
             print(f"  problem: module {module!r} has rank {w.rank} above --max-rank {max_rank}", file=out)
             problems += 1
+    for module, copy in adapter.saved.items():
+        print(f"  modules_to_save copy of {module}: weight {tuple(copy['weight'].shape)}"
+              f"{', bias' if 'bias' in copy else ''}", file=out)
     print(f"  {len(adapter.modules)} modules, {adapter.nbytes / 2**20:.2f} MiB of weights"
           f"{f', {problems} problems' if problems else ', no problems found'}", file=out)
     return 1 if problems else 0

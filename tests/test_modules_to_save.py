@@ -102,6 +102,14 @@ def test_bytes_count_the_copies(arch_paths):
     assert mm.adapters()[0]["modules_to_save"] == ["lm_head"]
 
 
+def test_inspect_lists_the_copies(arch_paths, capsys):
+    from lora_ext.cli import inspect_adapter
+
+    arch, paths = arch_paths
+    assert inspect_adapter(paths["head"]) == 0
+    assert "modules_to_save copy of lm_head: weight (96, " in capsys.readouterr().out
+
+
 def test_refused_inputs(tmp_path, arch_paths):
     arch, paths = arch_paths
     plain_model = lora_ext.patch_model(build_model(arch), max_rank=16)  # no modules_to_save
