@@ -130,8 +130,10 @@ def test_refused_inputs(tmp_path, arch_paths):
         mm.add_adapter("t", dict(r=4, lora_alpha=8, target_modules=[LINEAR[arch]], modules_to_save=["classifier"]))
     with pytest.raises(ValueError, match=r"modules_to_save=\['classifier'\]: no module of .* is named \['classifier'\]"):
         lora_ext.patch_model(build_model(arch), modules_to_save=["classifier"])
+    model = build_model(arch)
     with pytest.raises(ValueError, match="both LoRA targets and modules_to_save"):
-        lora_ext.patch_model(build_model(arch), target_modules=[LINEAR[arch]], modules_to_save=[LINEAR[arch]])
+        lora_ext.patch_model(model, target_modules=[LINEAR[arch]], modules_to_save=[LINEAR[arch]])
+    lora_ext.patch_model(model)  # the refused patch left the model as it was
 
 
 def test_nan_copy_refused(tmp_path):

@@ -125,6 +125,16 @@ def check_refusals(root, tp):
         assert "different adapter names" in str(e) and "every rank" in str(e), e
     else:
         raise AssertionError("mismatched adapter names across ranks were accepted")
+    if dist.get_rank() == 1:  # one rank cannot prepare the batch: every rank raises, none hangs
+        tp.unload_adapter("code")
+    try:
+        tp(input_ids=ids, attention_mask=mask, adapter_names=["code", "sql"])
+    except ValueError as e:
+        assert ("unknown adapter(s) ['code']" if dist.get_rank() == 1 else "could not prepare this batch") in str(e), e
+    else:
+        raise AssertionError("a batch one rank could not prepare ran")
+    if dist.get_rank() == 1:
+        tp.load_adapter("code", f"{root}/adapters/code")
     resident = tp.store.resident()
     try:
         tp.load_adapter("bad", f"{root}/bad_adapter")

@@ -357,7 +357,7 @@ class AdapterStore:
             if getattr(w, "base_copy", None) is not None:
                 layer.check_base_copy(w.base_copy, where)
             bias, g = self._row_extras(layer, w, where)
-            if pin:
+            if pin and a.device.type == "cpu":  # (a trainable adapter's leaves may already be on the GPU)
                 a, b_t = a.pin_memory(), b_t.pin_memory()
             modules[module] = ModuleSlotWeights(a, b_t, w.rank, w.scaling, bias, g)
         saved = {}
@@ -368,7 +368,7 @@ class AdapterStore:
                 raise AdapterError(f"adapter {adapter.name!r}: modules_to_save module {module!r} overflows to infinity "
                                    f"when cast to {layer.dtype}")
             if pin:
-                saved[module] = {which: t.pin_memory() for which, t in saved[module].items()}
+                saved[module] = {which: t.pin_memory() if t.device.type == "cpu" else t for which, t in saved[module].items()}
         return AdapterSlotWeights(adapter.name, modules, saved)
 
     @staticmethod

@@ -111,6 +111,9 @@ def new_adapter(name, config, modules, layers, max_rank, generator=None, saved_l
         else:
             a, b = init_weights(config.init_lora_weights, rank, *layer.full_shape, generator)
         bias = magnitude = None
+        if (config.lora_bias or config.use_dora) and layer.sharding is not None:
+            raise AdapterError(f"{where}: training DoRA or a lora_B bias on a tensor-parallel layer is not supported "
+                               "yet")
         if config.lora_bias:
             bias = torch.zeros(layer.full_shape[1])
             if config.init_lora_weights is False:
@@ -132,7 +135,9 @@ def new_copies(name, config, saved_layers):
     if not chosen:
         raise AdapterError(f"adapter {name!r}: modules_to_save={list(config.modules_to_save)!r} names no module the "
                            f"model serves copies of (patch_model(..., modules_to_save=[...]) lists {sorted(saved_layers)})")
-    return {m: copy_leaves(layer, {"weight": layer.weight, "bias": layer.bias}) for m, layer in chosen.items()}
+    # the module's own parameters, not an adapter's copy merged into it
+    return {m: copy_leaves(layer, dict(zip(("weight", "bias"), layer.merged or (layer.weight, layer.bias))))
+            for m, layer in chosen.items()}
 
 
 def copy_leaves(layer, copy):

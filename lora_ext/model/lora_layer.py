@@ -30,9 +30,11 @@ class LoraLayer(torch.nn.Module):
         self.is_embedding = isinstance(base_layer, torch.nn.Embedding)
         # Linear stores its weight (out, in); Conv1D (GPT-2) and Embedding store it (in, out)
         self.weight_in_out = self.is_conv1d or self.is_embedding
-        if self.is_embedding and base_layer.max_norm is not None:
-            raise ValueError(f"lora_ext: embedding {module_name!r} has max_norm={base_layer.max_norm}, which rescales "
-                             "its weight in place at every lookup; lora_ext does not patch it")
+        if self.is_embedding and (base_layer.max_norm is not None or base_layer.scale_grad_by_freq
+                                  or base_layer.sparse):
+            raise ValueError(f"lora_ext: embedding {module_name!r} has max_norm={base_layer.max_norm}, scale_grad_by_freq="
+                             f"{base_layer.scale_grad_by_freq}, sparse={base_layer.sparse}; lora_ext patches only plain "
+                             "embeddings (max_norm rescales the weight in place at every lookup)")
         self.sharding = sharding  # tensor parallelism: how the base layer is split over ranks (or None)
         weight = self.local_weight()
         # in_features and out_features are this rank's (what the slots hold); full_shape is the whole layer's
@@ -197,6 +199,9 @@ class LoraLayer(torch.nn.Module):
             slots, rank = lora_a.shape[:2]
             identity = torch.eye(rank, dtype=lora_a.dtype, device=lora_a.device).expand(slots, rank, rank)
             a_columns = lora_a[slot_ids.clamp(min=0), :, tokens]  # (T, R)
+            padding = base.padding_idx
+            if padding is not None:  # as F.embedding(padding_idx=...) in PEFT: that column gets no gradient
+                a_columns = torch.where((tokens == padding)[:, None], a_columns.detach(), a_columns)
             delta = ops.lora_delta(a_columns, identity.contiguous(), lora_b, slot_ids, scales, ranks, plan)
             return (out.to(delta.dtype) + delta.view(out.shape)).to(out.dtype)
         lora_a, lora_b, scales, ranks = self._op_args

@@ -52,21 +52,18 @@ class MultiLoraModel(TrainingMixin):
         targets = find_target_modules(model, target_modules)
         shardings = {name: sharding_of(model, name, model.get_submodule(name)) for name in targets}
         self._tp_group = _one_group(shardings)  # tensor parallelism: the ranks' process group, else None
-        for name in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            base = getattr(parent, child)
-            self._originals[name] = (parent, child, base)
-            self.layers[name] = LoraLayer(base, name, max_adapters, max_rank, owner=self, sharding=shardings[name])
-            setattr(parent, child, self.layers[name])
-        self.saved_layers = {}
-        for name in find_saved_modules(model, modules_to_save, targets):
+        saved = find_saved_modules(model, modules_to_save, targets)
+        # every wrapper is built (and may refuse its module) before the first one goes into the
+        # model, so a refused patch leaves the model as it was
+        self.layers = {name: LoraLayer(model.get_submodule(name), name, max_adapters, max_rank, owner=self,
+                                       sharding=shardings[name]) for name in targets}
+        self.saved_layers = {name: SavedModuleLayer(model.get_submodule(name), name, max_adapters, owner=self)
+                             for name in saved}
+        for name, wrapper in (*self.layers.items(), *self.saved_layers.items()):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            base = getattr(parent, child)
-            self._originals[name] = (parent, child, base)
-            self.saved_layers[name] = SavedModuleLayer(base, name, max_adapters, owner=self)
-            setattr(parent, child, self.saved_layers[name])
+            self._originals[name] = (parent, child, getattr(parent, child))
+            setattr(parent, child, wrapper)
         model._lora_ext_patched = True
         self.store = AdapterStore(self.layers, max_adapters, max_rank, host_cache_bytes, slot_timeout,
                                   saved_layers=self.saved_layers)
@@ -121,21 +118,27 @@ class MultiLoraModel(TrainingMixin):
         """The model's forward; adapter_names gives each batch row its adapter ("__base__"/None: none).
         In training mode (train()) autograd records it; otherwise it runs without gradients."""
         self._check_patched()
-        self._check_same_batch_on_all_ranks(adapter_names)
         if self.training:
             return self._train_call(args, kwargs, adapter_names)
         if adapter_names is None:
+            self._ranks_ready(adapter_names)
             return self._call_without_names(self.model, *args, **kwargs)
         with self._batch(adapter_names, self._batch_size(args, kwargs)):
             return self.model(*args, **kwargs)
 
     def _train_call(self, args, kwargs, adapter_names):
         if adapter_names is None:  # the base model alone: nothing of lora_ext's to train
+            self._ranks_ready(adapter_names)
             self.recompute_batch = None
             return self.model(*args, **kwargs)
-        names = self._row_names(adapter_names, self._batch_size(args, kwargs))
-        fixed = (self.max_adapters, self.max_rank, list(self.layers.values())) if self._compiled else None
-        batch = TrainBatch(self, names, self.store, self._device(), fixed_shape=fixed)
+        batch, error = None, None
+        try:
+            names = self._row_names(adapter_names, self._batch_size(args, kwargs))
+            fixed = (self.max_adapters, self.max_rank, list(self.layers.values())) if self._compiled else None
+            batch = TrainBatch(self, names, self.store, self._device(), fixed_shape=fixed)
+        except Exception as e:  # under tensor parallelism every rank must learn of it (_ranks_ready)
+            error = e
+        self._ranks_ready(adapter_names, error)
         self.recompute_batch = batch  # layers recomputed during backward see the same rows
         with active_batch(batch):
             return self.model(*args, **kwargs)
@@ -154,8 +157,8 @@ class MultiLoraModel(TrainingMixin):
         """model.generate with one adapter per input row; beams and returned sequences of a row use
         that row's adapter."""
         self._check_patched()
-        self._check_same_batch_on_all_ranks(adapter_names)
         if adapter_names is None:
+            self._ranks_ready(adapter_names)
             return self._call_without_names(self.model.generate, *args, **kwargs)
         with self._batch(adapter_names, self._batch_size(args, kwargs)):
             return self.model.generate(*args, **kwargs)
@@ -169,19 +172,25 @@ class MultiLoraModel(TrainingMixin):
 
     @contextmanager
     def _batch(self, adapter_names, batch_size):
-        names = self._row_names(adapter_names, batch_size)
-        distinct = list(dict.fromkeys(n for n in names if n is not None))
-        slots = self.store.acquire(distinct)
+        slots, error = {}, None
         try:
+            names = self._row_names(adapter_names, batch_size)
+            distinct = list(dict.fromkeys(n for n in names if n is not None))
+            slots = self.store.acquire(distinct)
             self.store.wait_for_copies(slots.values())
             row_slots = torch.tensor([slots[n] if n is not None else -1 for n in names], dtype=torch.long,
                                      device=self._device())
             rows = BatchRows(self, row_slots, self.max_adapters, any_adapter=bool(distinct),
                              slots=frozenset(slots.values()))
+        except Exception as e:  # under tensor parallelism every rank must learn of it (_ranks_ready)
+            error = e
+        try:
+            self._ranks_ready(adapter_names, error)
             with torch.no_grad(), active_batch(rows):
                 yield
         finally:
-            self.store.release(slots)
+            if slots:
+                self.store.release(slots)
 
     def _row_names(self, adapter_names, batch_size):
         if isinstance(adapter_names, str) or not hasattr(adapter_names, "__len__"):
@@ -277,13 +286,17 @@ class MultiLoraModel(TrainingMixin):
     def _device(self):
         return next(iter(self.layers.values())).device
 
-    def _check_same_batch_on_all_ranks(self, adapter_names):
-        """Tensor parallelism: every rank must be given the same adapter names (one small
-        all-reduce per call, not per layer)."""
+    def _ranks_ready(self, adapter_names, error=None):
+        """Raises `error` (this process's failure to prepare the batch, or None). Under tensor
+        parallelism first one small all-reduce per call (not per layer) tells every rank whether
+        all were given the same adapter names and all prepared the batch, so that all raise
+        together or all run it: a rank that ran alone would wait for the others forever."""
         if self._tp_group is not None:
-            names = None if adapter_names is None else [n if isinstance(n, str) or n is None else repr(n)
-                                                        for n in adapter_names]
-            check_same_batch(self._tp_group, names, self._device())
+            names = None if adapter_names is None or isinstance(adapter_names, str) else [
+                n if isinstance(n, str) or n is None else repr(n) for n in adapter_names]
+            check_same_batch(self._tp_group, names, self._device(), failed=error is not None)
+        if error is not None:
+            raise error
 
     def _call_without_names(self, fn, *args, **kwargs):
         with torch.no_grad():

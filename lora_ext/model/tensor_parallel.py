@@ -165,16 +165,20 @@ def sharding_of(model, name, module):
     return Sharding(style, mesh.get_group(), world_size, rank, full_in, full_out, start, stop)
 
 
-def check_same_batch(group, names, device):
-    """Raises a ValueError on every rank if the ranks were given different adapter names for a
-    batch (each rank must run the same batch): one all-reduce of two integers."""
+def check_same_batch(group, names, device, failed=False):
+    """One all-reduce of three integers: raises a ValueError on every rank if the ranks were given
+    different adapter names for a batch (each rank must run the same batch), or, on the other
+    ranks, if one of them `failed` to prepare it (that one raises its own error)."""
     digest = zlib.crc32(repr(names).encode())
-    both = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=group)
-    if both[0].item() != -both[1].item():
-        raise ValueError(f"lora_ext: the {torch.distributed.get_world_size(group)} tensor-parallel ranks were given "
-                         f"different adapter names for this batch (rank {torch.distributed.get_rank(group)}: "
-                         f"{short_names(names)}); every rank must run the same batch")
+    flags = torch.tensor([digest, -digest, int(failed)], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
+    world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    if flags[0].item() != -flags[1].item():
+        raise ValueError(f"lora_ext: the {world} tensor-parallel ranks were given different adapter names for this "
+                         f"batch (rank {rank}: {short_names(names)}); every rank must run the same batch")
+    if flags[2].item() and not failed:
+        raise ValueError(f"lora_ext: another of the {world} tensor-parallel ranks could not prepare this batch "
+                         "(its error says why); no rank ran it")
 
 
 def short_names(names, limit=8):

@@ -131,7 +131,8 @@ class TrainingMixin:
             return save(trainable)
         # tensor parallelism: every rank's part is gathered, rank 0 writes, every rank sees its error
         whole = TrainableAdapter(trainable.name, trainable.config, {
-            m: TrainableModule(*self._gather_module(m, w), w.rank, w.scaling) for m, w in trainable.modules.items()})
+            m: TrainableModule(*self._gather_module(m, w), w.rank, w.scaling, w.lora_bias, w.magnitude)
+            for m, w in trainable.modules.items()}, trainable.dropout, trainable.saved)
         error, failure = [None], None
         if torch.distributed.get_rank(self._tp_group) == 0:
             try:
