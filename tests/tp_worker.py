@@ -108,6 +108,18 @@ def check_merge(tp, one):
     """A merged adapter serves its rows through the sharded base weights; unmerge restores them bitwise."""
     ids, mask = batch(rows=2, seed=4)
     before = {m: layer.local_weight().clone() for m, layer in tp.layers.items()}
+    if dist.get_rank() == 1:  # a merge that fails on one rank: no rank merges
+        layer = next(iter(tp.layers.values()))
+        layer.merged = lambda weights, where: (_ for _ in ()).throw(AdapterError(f"{where}: refused here"))
+    try:
+        tp.merge_adapter("chat")
+    except ValueError as e:
+        assert ("refused here" if dist.get_rank() == 1 else "could not do its part") in str(e), e
+    else:
+        raise AssertionError("a merge that failed on one rank went on")
+    if dist.get_rank() == 1:
+        del layer.merged
+    assert tp._merged is None and all(torch.equal(tp.layers[m].local_weight(), w) for m, w in before.items())
     tp.merge_adapter("chat")
     assert_close(tp(input_ids=ids, attention_mask=mask, adapter_names=["chat", "chat"]).logits,
                  one(input_ids=ids, attention_mask=mask, adapter_names=["chat", "chat"]).logits, "merged adapter")
@@ -130,7 +142,7 @@ def check_refusals(root, tp):
     try:
         tp(input_ids=ids, attention_mask=mask, adapter_names=["code", "sql"])
     except ValueError as e:
-        assert ("unknown adapter(s) ['code']" if dist.get_rank() == 1 else "could not prepare this batch") in str(e), e
+        assert ("unknown adapter(s) ['code']" if dist.get_rank() == 1 else "could not do its part") in str(e), e
     else:
         raise AssertionError("a batch one rank could not prepare ran")
     if dist.get_rank() == 1:

@@ -217,20 +217,11 @@ class MultiLoraModel(TrainingMixin):
         bitwise. While merged, batches may only name that adapter (or no adapter_names at all)."""
         self._check_patched()
         with self._lock:
-            if self._merged is not None:
-                raise ValueError(f"lora_ext: adapter {self._merged!r} is already merged; unmerge_adapter() first")
-            weights = self.store.slot_weights(name)
-            merged_weights = {}
-            for module, module_weights in weights.modules.items():
-                layer = self.layers[module]
-                base = layer.local_weight()
-                new_weight, new_bias = layer.merged(module_weights, f"adapter {name!r}: module {module!r}")
-                for what, new, dtype in (("weight", new_weight, base.dtype), ("bias", new_bias, base.dtype)):
-                    if new is not None and not torch.isfinite(new.to(dtype)).all():
-                        raise AdapterError(f"adapter {name!r}: merging into module {module!r} overflows its "
-                                           f"{what} in {dtype}")
-                merged_weights[module] = (new_weight.to(base.dtype),
-                                          None if new_bias is None else new_bias.to(layer.base_layer.bias.dtype))
+            try:
+                merged_weights, weights = self._merged_weights(name)
+            except Exception as e:  # under tensor parallelism every rank must learn of it (_ranks_ready)
+                self._ranks_ready(["merge_adapter", name], e)
+            self._ranks_ready(["merge_adapter", name])  # all ranks merge, or none
             for module, copy in weights.saved.items():
                 self.saved_layers[module].merge(copy)
             for module, (new_weight, new_bias) in merged_weights.items():
@@ -244,6 +235,25 @@ class MultiLoraModel(TrainingMixin):
                         bias.copy_(new_bias)
             self._merged = name
         logger.info("merged adapter %r into %d modules", name, len(weights.modules))
+
+    def _merged_weights(self, name):
+        """({module: (new weight, new bias or None)} in the base's dtypes, the adapter's slot
+        weights), checked finite; nothing written yet."""
+        if self._merged is not None:
+            raise ValueError(f"lora_ext: adapter {self._merged!r} is already merged; unmerge_adapter() first")
+        weights = self.store.slot_weights(name)
+        merged_weights = {}
+        for module, module_weights in weights.modules.items():
+            layer = self.layers[module]
+            base = layer.local_weight()
+            new_weight, new_bias = layer.merged(module_weights, f"adapter {name!r}: module {module!r}")
+            for what, new, dtype in (("weight", new_weight, base.dtype), ("bias", new_bias, base.dtype)):
+                if new is not None and not torch.isfinite(new.to(dtype)).all():
+                    raise AdapterError(f"adapter {name!r}: merging into module {module!r} overflows its "
+                                       f"{what} in {dtype}")
+            merged_weights[module] = (new_weight.to(base.dtype),
+                                      None if new_bias is None else new_bias.to(layer.base_layer.bias.dtype))
+        return merged_weights, weights
 
     def unmerge_adapter(self):
         """Restores the base weights exactly as they were before merge_adapter()."""

@@ -177,8 +177,8 @@ def check_same_batch(group, names, device, failed=False):
         raise ValueError(f"lora_ext: the {world} tensor-parallel ranks were given different adapter names for this "
                          f"batch (rank {rank}: {short_names(names)}); every rank must run the same batch")
     if flags[2].item() and not failed:
-        raise ValueError(f"lora_ext: another of the {world} tensor-parallel ranks could not prepare this batch "
-                         "(its error says why); no rank ran it")
+        raise ValueError(f"lora_ext: another of the {world} tensor-parallel ranks could not do its part of this call "
+                         "(its error says why); no rank went on")
 
 
 def short_names(names, limit=8):
