@@ -325,6 +325,12 @@ class AdapterConfig:
         return max([self.r, *(rank for _, rank in self.rank_pattern)])
 
 
+def names_module(entries, module):
+    """PEFT's rule for a list of module names (target_modules, modules_to_save): an entry names
+    `module` when it is its full name or a whole-segment suffix of it."""
+    return any(module == e or module.endswith("." + e) for e in entries)
+
+
 def pattern_value(patterns, module, default):
     """PEFT's rank_pattern / alpha_pattern rule: the first key that matches the module's name.
     `patterns`: a dict or (key, value) pairs."""

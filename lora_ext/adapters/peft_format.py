@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_ext.adapters.config import (CONFIG_FILE, AdapterConfig, AdapterError, module_scaling,  # noqa: F401
-                                      clip, open_regular_file, parse_json, pattern_value, read_config,
+                                      clip, names_module, open_regular_file, parse_json, pattern_value, read_config,
                                       refuse_unsupported_config, short)
 
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -232,7 +232,7 @@ def plan_saved_modules(name, file, entries, config, saved_modules):
         if match is None or ".lora_" in key or ".base_layer." in key:
             continue
         module = match["module"]
-        if any(module == m or module.endswith("." + m) for m in config.modules_to_save):
+        if names_module(config.modules_to_save, module):
             found.setdefault(module, {})[match["which"]] = key
     for module, keys in sorted(found.items()):
         where = f"adapter {name!r}: {file}: modules_to_save module {module!r}"
@@ -253,11 +253,16 @@ def plan_saved_modules(name, file, entries, config, saved_modules):
     return found
 
 
+def _nonfinite(tensor):
+    """How many NaN or infinite values `tensor` holds (float8 has no isfinite of its own)."""
+    return int((~torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float())).sum())
+
+
 def _finite(name, module, which, tensor):
-    finite = torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float())
-    if not finite.all():
-        raise AdapterError(f"adapter {name!r}: modules_to_save module {module!r}: {which} holds "
-                           f"{int((~finite).sum())} NaN or infinite values")
+    bad = _nonfinite(tensor)
+    if bad:
+        raise AdapterError(f"adapter {name!r}: modules_to_save module {module!r}: {which} holds {bad} NaN or "
+                           "infinite values")
     return tensor
 
 
@@ -357,9 +362,9 @@ def check_module(name, module, read, rank, config):
     "magnitude" when present}): finite values, scaling."""
     where = f"adapter {name!r}: module {module!r}"
     for which, tensor in read.items():
-        finite = torch.isfinite(tensor if tensor.element_size() > 1 else tensor.float())  # no isfinite for float8
-        if not finite.all():
-            raise AdapterError(f"{where}: {_NAMES[which]} holds {int((~finite).sum())} NaN or infinite values")
+        bad = _nonfinite(tensor)
+        if bad:
+            raise AdapterError(f"{where}: {_NAMES[which]} holds {bad} NaN or infinite values")
     return ModuleWeights(module, read["A"], read["B"], rank, config.scaling(module), lora_bias=read.get("bias"),
                          magnitude=read.get("magnitude"), base_copy=read.get("base_copy"))
 

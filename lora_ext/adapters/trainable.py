@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_ext.adapters.config import AdapterError
+from lora_ext.adapters.config import AdapterError, names_module
 
 ADAPTER_DTYPE = torch.float32
 
@@ -131,7 +131,7 @@ def new_copies(name, config, saved_layers):
     if not config.modules_to_save:
         return {}
     chosen = {m: layer for m, layer in saved_layers.items()
-              if any(m == t or m.endswith("." + t) for t in config.modules_to_save)}
+              if names_module(config.modules_to_save, m)}
     if not chosen:
         raise AdapterError(f"adapter {name!r}: modules_to_save={list(config.modules_to_save)!r} names no module the "
                            f"model serves copies of (patch_model(..., modules_to_save=[...]) lists {sorted(saved_layers)})")

@@ -11,7 +11,6 @@ the ratio DoRA / plain LoRA (target: at most 1.2).
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -48,36 +47,37 @@ def parse_args(argv):
 def write_adapters(model, root, args):
     """{kind: {name: directory}}: N synthetic rank-r adapters on every linear layer, plain, DoRA
     (magnitudes 0.5-1.5x the norms PEFT would start from) and with an lm_head copy."""
-    from safetensors.torch import load_file, save_file
-
     from lora_ext.bench.synthetic import linear_modules, write_peft_adapter
 
     modules = linear_modules(model)
     layers = dict(model.named_modules())
     head = model.get_output_embeddings().weight.detach().float()
-    out = {"plain": {}, "DoRA": {}, "lm_head copies": {}}
-    for i in range(args.num_adapters):
-        for kind in out:
-            path = write_peft_adapter(os.path.join(root, f"{kind.split()[0]}{i}"), modules, args.rank, None,
-                                      seed=3000 + i)
-            file, config_file = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_config.json")
-            with open(config_file) as f:
-                config = json.load(f)
-            tensors = load_file(file)
+
+    def dora(i):
+        def extend(tensors, config):
             g = torch.Generator().manual_seed(4000 + i)
-            if kind == "DoRA":
-                for name, _, _ in modules:
-                    a, b = (tensors[f"base_model.model.{name}.lora_{x}.weight"] for x in "AB")
-                    weight = layers[name].weight.detach().float() + config["lora_alpha"] / args.rank * (b @ a)
-                    scale = torch.rand(weight.shape[0], generator=g) + 0.5
-                    tensors[f"base_model.model.{name}.lora_magnitude_vector"] = weight.norm(dim=1) * scale
-                config["use_dora"] = True
-            if kind == "lm_head copies":
-                tensors["base_model.model.lm_head.weight"] = head + 0.01 * torch.randn(head.shape, generator=g)
-                config["modules_to_save"] = ["lm_head"]
-            save_file(tensors, file, metadata={"format": "pt"})
-            atomic.write_json(config_file, config, indent=1)
-            out[kind][f"{kind.split()[0]}{i}"] = path
+            for name, _, _ in modules:
+                a, b = (tensors[f"base_model.model.{name}.lora_{x}.weight"] for x in "AB")
+                weight = layers[name].weight.detach().float() + config["lora_alpha"] / args.rank * (b @ a)
+                scale = torch.rand(weight.shape[0], generator=g) + 0.5
+                tensors[f"base_model.model.{name}.lora_magnitude_vector"] = weight.norm(dim=1) * scale
+            config["use_dora"] = True
+        return extend
+
+    def head_copy(i):
+        def extend(tensors, config):
+            g = torch.Generator().manual_seed(4000 + i)
+            tensors["base_model.model.lm_head.weight"] = head + 0.01 * torch.randn(head.shape, generator=g)
+            config["modules_to_save"] = ["lm_head"]
+        return extend
+
+    kinds = {"plain": lambda i: None, "DoRA": dora, "lm_head copies": head_copy}
+    out = {kind: {} for kind in kinds}
+    for i in range(args.num_adapters):
+        for kind, extension in kinds.items():
+            name = f"{kind.split()[0]}{i}"
+            out[kind][name] = write_peft_adapter(os.path.join(root, name), modules, args.rank, None, seed=3000 + i,
+                                                 extend=extension(i))
     return out
 
 

@@ -39,8 +39,9 @@ def linear_modules(model):
             if isinstance(m, torch.nn.Linear) and m is not head]
 
 
-def write_peft_adapter(directory, modules, rank, alpha, seed):
-    """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) with random A and B."""
+def write_peft_adapter(directory, modules, rank, alpha, seed, extend=None):
+    """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) with random A and B.
+    extend(tensors, config): adds to both (DoRA magnitudes, module copies, ...) before they are written."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -48,12 +49,14 @@ def write_peft_adapter(directory, modules, rank, alpha, seed):
     for name, d_in, d_out in modules:
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) / rank ** 0.5
-    os.makedirs(directory, exist_ok=True)
-    with atomic.atomic_path(os.path.join(directory, "adapter_model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank if alpha is None else alpha,
                   target_modules=sorted({n.rsplit(".", 1)[-1] for n, _, _ in modules}), lora_dropout=0.0,
                   bias="none", use_rslora=False, use_dora=False, modules_to_save=None, base_model_name_or_path=None)
+    if extend is not None:
+        extend(tensors, config)
+    os.makedirs(directory, exist_ok=True)
+    with atomic.atomic_path(os.path.join(directory, "adapter_model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     atomic.write_json(os.path.join(directory, "adapter_config.json"), config, indent=1)
     return directory
 

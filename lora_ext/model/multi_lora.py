@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from lora_ext.adapters.config import names_module
 from lora_ext.adapters.peft_format import AdapterError
 from lora_ext.adapters.store import DEFAULT_SLOT_TIMEOUT, AdapterStore
 from lora_ext.model.batch import BatchRows, active_batch
@@ -327,8 +328,8 @@ def find_saved_modules(model, modules_to_save, lora_targets):
         return []
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
-    names = [n for n, _ in model.named_modules() if n and any(n == m or n.endswith("." + m) for m in modules_to_save)]
-    missing = [m for m in modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
+    names = [n for n, _ in model.named_modules() if n and names_module(modules_to_save, n)]
+    missing = [m for m in modules_to_save if not any(names_module([m], n) for n in names)]
     if missing:
         raise ValueError(f"lora_ext: modules_to_save={list(modules_to_save)!r}: no module of {type(model).__name__} "
                          f"is named {missing}")

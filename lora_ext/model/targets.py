@@ -4,6 +4,8 @@ import re
 
 import torch
 
+from lora_ext.adapters.config import names_module
+
 
 def conv1d_class():
     try:
@@ -31,7 +33,7 @@ def is_linear_layer(module):
 def _matches(name, target_modules):
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+    return names_module(target_modules, name)
 
 
 def find_target_modules(model, target_modules):

@@ -89,10 +89,11 @@ class TrainBatch(BatchRows):
         if not any(e is not None and _extras(e) for e in entries):
             return None
         width, base_bias = layer.out_features, layer.unmerged_bias()
-        rows = [scale_and_offset(None, None, 0.0, None, width, self.device)]
+        unchanged = scale_and_offset(None, None, 0.0, None, width, self.device)  # scale 1, offset 0
+        rows = [unchanged]
         for e in entries + [None] * (self.num_slots - len(entries)):
             if e is None or not _extras(e):
-                rows.append(scale_and_offset(None, None, 0.0, None, width, self.device))
+                rows.append(unchanged)
                 continue
             g = getattr(e, "dora_scale", None)  # a frozen adapter's, computed at load
             if getattr(e, "magnitude", None) is not None:
