@@ -93,3 +93,43 @@ def test_torch_compile_fullgraph_linear_lora_cpu():
     magnitude = inputs["x"].double().abs() @ weight.double().abs().T + magnitude64(inputs)
     assert_rows_match(layer(**inputs), expected, pytorch_linear_lora(inputs, weight, None), magnitude, torch.float32,
                       what="compiled linear_lora")
+
+
+def test_calls_without_gradients_give_the_same_results_and_still_reach_dispatch_modes():
+    """Without autograd the wrappers call the device kernel below the Autograd key (lora_ext/ops.py
+    _below_autograd): bit for bit the results of the full dispatch, `out` marked modified as the
+    Autograd kernel would, and a dispatch mode (profilers, FakeTensorMode, FLOP counters) still
+    sees every call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inputs = make_inputs(11, 24, 40, 3, 8, torch.float32, "cpu", "with_none")
+    args = [inputs[k] for k in ("lora_a", "lora_b", "slot_ids", "scales", "ranks")]
+    x = inputs["x"]
+    weight, bias = torch.randn(40, 24), torch.randn(40)
+    out_full = torch.randn(11, 40)
+    out_fast = out_full.clone()
+    full = (lora_ext.lora_delta(x, *args), lora_ext.linear_lora(x, weight, bias, *args),
+            lora_ext.add_lora_(out_full, x, *args))
+    with torch.no_grad():
+        version = out_fast._version
+        fast = (lora_ext.lora_delta(x, *args), lora_ext.linear_lora(x, weight, bias, *args),
+                lora_ext.add_lora_(out_fast, x, *args))
+        assert out_fast._version > version
+    for a, b in zip(full, fast):
+        assert torch.equal(a, b)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen() as seen:
+        lora_ext.lora_delta(x, *args)
+        lora_ext.add_lora_(out_fast, x, *args)
+        lora_ext.linear_lora(x, weight, bias, *args)
+    assert [op for op in seen.ops if op.startswith("lora_ext")] == \
+        ["lora_ext.lora_delta.default", "lora_ext.add_lora_.default", "lora_ext.linear_lora.default"]

@@ -86,8 +86,9 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const LoraSizes sizes = check_lora_args("linear_lora", x, lora_a, lora_b, slot_ids, scales, ranks, plan_arg);
   check_linear_args(x, weight, bias, sizes);
   check_slot_and_rank_values(slot_ids, ranks, sizes);
-  at::Tensor out = at::empty({sizes.rows, sizes.d_out}, x.options());
-  if (sizes.rows == 0) return out;
+  if (sizes.rows == 0) return at::empty({0, sizes.d_out}, x.options());
+  // Made below by the path taken (`call` holds it by reference): ATen's linear makes its own.
+  at::Tensor out;
   const at::Tensor plan = plan_for(slot_ids, plan_arg, sizes);
   const PlanLayout layout{sizes.rows, sizes.slots};
   const int32_t* order = plan.data_ptr<int32_t>() + layout.order();
@@ -97,12 +98,13 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                                                                                      item_args(call, order, work.items[0]));
   if (!fused_linear_fits(x, weight, bias, sizes, work, kernels)) {
     count_path(KernelPath::kCpuLinearUnfused);
-    // at::linear rather than at::linear_out into `out`: the out variant measured slower here
-    // (benchmarks/NOTES.md). `call` holds `out` by reference, so the deltas go into the new tensor.
+    // at::linear rather than at::linear_out into a tensor made here: the out variant measured
+    // slower (benchmarks/NOTES.md).
     out = at::linear(x, weight, bias);
     run_work(call, plan, layout, work);
     return out;
   }
+  out = at::empty({sizes.rows, sizes.d_out}, x.options());
   const BaseGemmArgs gemm{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), weight.stride(0),
                           bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), out.stride(0),
                           sizes.rows, sizes.d_out, sizes.d_in};

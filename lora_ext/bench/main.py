@@ -137,6 +137,10 @@ def main(argv=None):
         from lora_ext.bench.kinds_bench import main as kinds_bench_main
 
         return kinds_bench_main(argv)
+    if "--matrix" in argv:  # the overhead of every adapter mix and dtype against its floor
+        from lora_ext.bench.matrix_bench import main as matrix_bench_main
+
+        return matrix_bench_main(argv)
     if "--train" in argv:  # the training benchmark has its own options
         from lora_ext.bench.train_bench import main as train_bench_main
 
