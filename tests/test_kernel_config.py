@@ -99,6 +99,20 @@ def test_one_row_is_split_over_threads():
         torch.set_num_threads(previous)
 
 
+def test_tiny_work_runs_on_the_calling_thread():
+    """A call with a few thousand multiply-adds is not split over threads (waking them would cost
+    more than the work; csrc/cpu/lora_cpu.cpp kInlineMacs)."""
+    inputs = make_inputs(2, 24, 40, 2, 8, torch.float32, "cpu", "one_slot")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        taken = delta_paths(inputs)
+        assert "cpu_items_avx512" in taken or "cpu_items_portable" in taken
+        assert "cpu_items_split" not in taken
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("rows,min_rows,gemm", [(64, 64, True), (63, 64, False), (5, 5, True), (300, 10**9, False)])
 def test_slots_with_many_rows_take_the_gemm_path(rows, min_rows, gemm):
     inputs = make_inputs(rows, 64, 96, 3, 16, torch.float32, "cpu", "one_slot", mixed_ranks=False)

@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -29,6 +31,14 @@ namespace {
 
 // With at least this many items per thread, items run whole; with fewer, their parts are split.
 constexpr int64_t kWholeItemsPerThread = 4;
+// A call with fewer multiply-adds than this (at most 32 KiB of float32 adapter weights) runs on
+// the calling thread: waking the pool would cost more than the work (small models, tests).
+constexpr int64_t kInlineMacs = int64_t{1} << 13;
+
+// Tasks [0, count) split in contiguous shares over the threads of a parallel region; `t` of `threads`.
+inline std::pair<int64_t, int64_t> share(int64_t count, int64_t t, int64_t threads) {
+  return {count * t / threads, count * (t + 1) / threads};
+}
 
 }  // namespace
 
@@ -203,7 +213,14 @@ void run_items(const LoraCall& call, const int32_t* order, const std::vector<Wor
       }
     }
   });
-  if (n >= kWholeItemsPerThread * at::get_num_threads()) {
+  int64_t macs = 0;
+  for (const ItemArgs& a : args) macs += a.count * a.rank * (a.d_in + a.d_out);
+  const int64_t threads = at::get_num_threads();
+  if (macs < kInlineMacs || threads == 1 || at::in_parallel_region()) {
+    run_whole_items(kernels, args, 0, n, xs, xs_offset, u, u_offset);
+    return;
+  }
+  if (n >= kWholeItemsPerThread * threads) {
     // Enough items for every thread: each thread runs a contiguous range of whole items, decode
     // items four at a time (run_whole_items). A burst of software prefetches for all of B at each
     // item's start only got in the hardware prefetcher's way there (slower; benchmarks/NOTES.md).
@@ -212,24 +229,27 @@ void run_items(const LoraCall& call, const int32_t* order, const std::vector<Wor
     });
     return;
   }
-  // Split items: each shrink task asks for its share of B, which the expand tasks read next.
+  // Split items, in one parallel region: the shrink tasks (each asks for its share of B, which
+  // the expand tasks read next), a barrier, the expand tasks.
   if (lora_work) count_path(KernelPath::kCpuItemsSplit);
   for (ItemArgs& item : args) item.prefetch_b = true;
   const std::vector<Task> shrink_tasks = split_items(items, ranks, kShrinkTaskRanks);
-  at::parallel_for(0, static_cast<int64_t>(shrink_tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const Task& task = shrink_tasks[t];
-      kernels.shrink(args[task.item], xs + xs_offset[task.item], task.begin, task.end,
-                     u + u_offset[task.item]);
-    }
-  });
   const std::vector<Task> expand_tasks = split_items(items, columns, kExpandTaskColumns);
-  at::parallel_for(0, static_cast<int64_t>(expand_tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const Task& task = expand_tasks[t];
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
+    const auto shrinks = share(static_cast<int64_t>(shrink_tasks.size()), t, team);
+    for (int64_t i = shrinks.first; i < shrinks.second; ++i) {
+      const Task& task = shrink_tasks[i];
+      kernels.shrink(args[task.item], xs + xs_offset[task.item], task.begin, task.end, u + u_offset[task.item]);
+    }
+#pragma omp barrier
+    const auto expands = share(static_cast<int64_t>(expand_tasks.size()), t, team);
+    for (int64_t i = expands.first; i < expands.second; ++i) {
+      const Task& task = expand_tasks[i];
       kernels.expand(args[task.item], u + u_offset[task.item], task.begin, task.end);
     }
-  });
+  }
 }
 
 Work collect_work(const LoraCall& call, const int32_t* offsets, const PlanLayout& layout) {
