@@ -6,13 +6,16 @@
 #include <string>
 
 #include "cpu/linear_lora_cpu.h"
+#include "direct_calls.h"
 #include "generated_build_info.h"
 #include "kernel_config.h"
 #include "plan.h"
 
-// Importing lora_ext._C runs the static registrations below; the module itself is empty.
+// Importing lora_ext._C runs the static registrations below; the module's own functions are the
+// direct serving entry points (direct_calls.cpp).
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          lora_ext::direct_call_methods()};
   return PyModule_Create(&module_def);
 }
 

@@ -29,20 +29,18 @@ def _use_native():
     return False
 
 
-# Backend keys by device type, for calls that need no gradient (_below_autograd).
-_BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
-                 "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
+_DIRECT_DEVICES = ("cpu", "cuda")
 
 
 def _below_autograd(x):
-    """The dispatch keys that run the op's device kernel directly, or None. When no gradient is
-    wanted, going through the Autograd key only runs the Python autograd kernel (op_autograd.py)
-    for nothing: about 6 us a call, paid by every patched layer of every serving step. Taken only
-    for plain tensors with no dispatch mode active, and never while torch.compile traces."""
-    if torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.compiler.is_compiling() \
-            or torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.Python):
-        return None
-    return _BACKEND_KEYS.get(x.device.type)
+    """Whether to call the op's device kernel directly (lora_ext._C's entry points,
+    csrc/direct_calls.cpp). When no gradient is wanted, going through torch.ops only runs the
+    Python autograd kernel (op_autograd.py) and boxes the arguments, for nothing: paid by every
+    patched layer of every serving step. Taken only for plain CPU or CUDA tensors with no
+    dispatch mode active, and never while torch.compile traces."""
+    return not (torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.compiler.is_compiling()
+                or torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.Python)) \
+        and x.device.type in _DIRECT_DEVICES
 
 
 def lora_delta(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
@@ -64,10 +62,8 @@ def lora_delta(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
         (T, d_out) tensor in x's dtype.
     """
     if _use_native():
-        keys = _below_autograd(x)
-        if keys is not None:
-            return torch.ops.lora_ext.lora_delta.default.redispatch(keys, x, lora_a, lora_b, slot_ids, scales, ranks,
-                                                                    plan)
+        if _below_autograd(x):
+            return _C.lora_delta(x, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return torch.ops.lora_ext.lora_delta(x, lora_a, lora_b, slot_ids, scales, ranks, plan)
     return reference.lora_delta_ref(x, lora_a, lora_b, slot_ids, scales, ranks)
 
@@ -75,10 +71,8 @@ def lora_delta(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
 def add_lora_(out, x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
     """out += lora_delta(x, ...) in place, summed in float32 and rounded once. out: (T, d_out)."""
     if _use_native():
-        keys = _below_autograd(out)
-        if keys is not None:
-            torch.ops.lora_ext.add_lora_.default.redispatch(keys, out, x, lora_a, lora_b, slot_ids, scales, ranks, plan)
-            torch._C._increment_version((out,))  # as the Autograd kernel marks it dirty
+        if _below_autograd(out):
+            _C.add_lora_(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan)  # bumps out's version
         else:
             torch.ops.lora_ext.add_lora_(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan)
     else:
@@ -96,10 +90,8 @@ def linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales=None, ranks=No
     way, up to float32 rounding of the base GEMM.
     """
     if _use_native():
-        keys = _below_autograd(x)
-        if keys is not None:
-            return torch.ops.lora_ext.linear_lora.default.redispatch(keys, x, weight, bias, lora_a, lora_b, slot_ids,
-                                                                     scales, ranks, plan)
+        if _below_autograd(x):
+            return _C.linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return torch.ops.lora_ext.linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan)
     return reference.linear_lora_ref(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks)
 
@@ -125,7 +117,7 @@ def plan_layout(num_slots):
 
 
 if native_available():
-    from lora_ext import op_autograd
+    from lora_ext import _C, op_autograd
 
     op_autograd.register()
 

@@ -66,19 +66,26 @@ def test_arguments_on_two_devices_refused():
         lora_ext.lora_delta(**a)
 
 
+# With gradients the ops go through torch.ops; without, the wrappers call lora_ext._C's direct
+# entry points (csrc/direct_calls.cpp): both must refuse with the same error.
+GRAD_MODES = [pytest.param(True, id="grad"), pytest.param(False, id="no_grad")]
+
+
+@pytest.mark.parametrize("grad", GRAD_MODES)
 @pytest.mark.parametrize("case", list(BAD_CASES))
-def test_lora_delta_refuses(case):
+def test_lora_delta_refuses(case, grad):
     overrides, pattern = BAD_CASES[case]
-    with pytest.raises(ValueError, match=pattern):
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=pattern):
         lora_ext.lora_delta(**args(**overrides))
 
 
+@pytest.mark.parametrize("grad", GRAD_MODES)
 @pytest.mark.parametrize("case", list(BAD_CASES))
-def test_add_lora_refuses_and_leaves_out_untouched(case):
+def test_add_lora_refuses_and_leaves_out_untouched(case, grad):
     overrides, pattern = BAD_CASES[case]
     out = torch.randn(6, 48)
     before = out.clone()
-    with pytest.raises(ValueError, match=pattern):
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=pattern):
         lora_ext.add_lora_(out, **args(**overrides))
     assert torch.equal(out, before)
 

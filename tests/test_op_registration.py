@@ -95,12 +95,30 @@ def test_torch_compile_fullgraph_linear_lora_cpu():
                       what="compiled linear_lora")
 
 
-def test_calls_without_gradients_give_the_same_results_and_still_reach_dispatch_modes():
-    """Without autograd the wrappers call the device kernel below the Autograd key (lora_ext/ops.py
-    _below_autograd): bit for bit the results of the full dispatch, `out` marked modified as the
-    Autograd kernel would, and a dispatch mode (profilers, FakeTensorMode, FLOP counters) still
-    sees every call."""
+class _CountingEntryPoints:
+    """Stands in for lora_ext._C in lora_ext.ops: counts the direct calls, then makes them."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append(name)
+            return getattr(self.module, name)(*args)
+        return call
+
+
+def test_calls_without_gradients_give_the_same_results_and_still_reach_dispatch_modes(monkeypatch):
+    """Without autograd the wrappers call the device kernel directly (lora_ext._C's entry points,
+    csrc/direct_calls.cpp; lora_ext/ops.py _below_autograd): bit for bit the results of the full
+    dispatch, `out` marked modified as the Autograd kernel would, and a dispatch mode (profilers,
+    FakeTensorMode, FLOP counters) still sees every call."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lora_ext import ops
+
+    entry_points = _CountingEntryPoints(ops._C)
+    monkeypatch.setattr(ops, "_C", entry_points)
 
     inputs = make_inputs(11, 24, 40, 3, 8, torch.float32, "cpu", "with_none")
     args = [inputs[k] for k in ("lora_a", "lora_b", "slot_ids", "scales", "ranks")]
@@ -115,6 +133,7 @@ def test_calls_without_gradients_give_the_same_results_and_still_reach_dispatch_
         fast = (lora_ext.lora_delta(x, *args), lora_ext.linear_lora(x, weight, bias, *args),
                 lora_ext.add_lora_(out_fast, x, *args))
         assert out_fast._version > version
+    assert entry_points.calls == ["lora_delta", "linear_lora", "add_lora_"]  # with gradients: none
     for a, b in zip(full, fast):
         assert torch.equal(a, b)
 
@@ -133,3 +152,19 @@ def test_calls_without_gradients_give_the_same_results_and_still_reach_dispatch_
         lora_ext.linear_lora(x, weight, bias, *args)
     assert [op for op in seen.ops if op.startswith("lora_ext")] == \
         ["lora_ext.lora_delta.default", "lora_ext.add_lora_.default", "lora_ext.linear_lora.default"]
+    assert len(entry_points.calls) == 3  # under the mode: through torch.ops, not the entry points
+
+
+def test_direct_entry_points_refuse_wrong_arguments():
+    """lora_ext._C's entry points take exactly the op's positional arguments, tensors where the
+    schema has tensors."""
+    from lora_ext import _C
+
+    inputs = make_inputs(4, 8, 6, 2, 4, torch.float32, "cpu", "with_none")
+    args = [inputs[k] for k in ("x", "lora_a", "lora_b", "slot_ids", "scales", "ranks")]
+    with pytest.raises(TypeError, match=r"lora_ext._C.lora_delta takes 7 positional arguments \(6 given\)"):
+        _C.lora_delta(*args)
+    with pytest.raises(TypeError, match=r"lora_ext._C.lora_delta: argument 1 must be a tensor, not list"):
+        _C.lora_delta(args[0], [1.0], *args[2:], None)
+    with pytest.raises(TypeError, match=r"argument 4 must be a tensor or None, not int"):
+        _C.lora_delta(*args[:4], 3, args[5], None)
