@@ -6,7 +6,7 @@
 // unpack the tensors directly and call the op's device kernel through the dispatcher, unboxed,
 // with the backend key of x's device: the same kernel and the same checks as torch.ops, with
 // none of the boxing. lora_ext/ops.py takes them only where no gradient is wanted, for plain
-// tensors, outside dispatch modes and torch.compile (ops._below_autograd).
+// tensors, outside dispatch modes and torch.compile (ops._takes_direct_call).
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
@@ -21,9 +21,20 @@ namespace lora_ext {
 namespace {
 
 using OptTensor = c10::optional<at::Tensor>;
+using T = const at::Tensor&;
+using O = const OptTensor&;
+// The ops' C++ signatures, as registered (csrc/lora_ops.cpp).
+using LinearLoraFn = at::Tensor(T x, T weight, O bias, T lora_a, T lora_b, T slot_ids, O scales, O ranks, O plan);
+using AddLoraFn = void(at::Tensor& out, T x, T lora_a, T lora_b, T slot_ids, O scales, O ranks, O plan);
+using LoraDeltaFn = at::Tensor(T x, T lora_a, T lora_b, T slot_ids, O scales, O ranks, O plan);
 
-// Argument i as a tensor; None (allowed only where `optional`) gives an empty optional.
-OptTensor tensor_arg(const char* op, PyObject* const* args, int i, bool optional) {
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+// Argument i as a tensor, or (`optional`) None as an empty optional.
+OptTensor tensor_or_none(const char* op, PyObject* const* args, int i, bool optional) {
   PyObject* obj = args[i];
   if (optional && obj == Py_None) return c10::nullopt;
   if (!THPVariable_Check(obj)) {
@@ -32,6 +43,9 @@ OptTensor tensor_arg(const char* op, PyObject* const* args, int i, bool optional
   }
   return THPVariable_Unpack(obj);
 }
+
+at::Tensor tensor(const char* op, PyObject* const* args, int i) { return *tensor_or_none(op, args, i, false); }
+OptTensor optional_tensor(const char* op, PyObject* const* args, int i) { return tensor_or_none(op, args, i, true); }
 
 void check_count(const char* op, Py_ssize_t given, Py_ssize_t wanted) {
   if (given != wanted) {
@@ -45,58 +59,21 @@ c10::DispatchKeySet backend_keys(const at::Tensor& x) {
   return c10::DispatchKeySet(x.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
 }
 
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const OptTensor&, const OptTensor&, const OptTensor&)>&
-linear_lora_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_ext::linear_lora", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const OptTensor&, const OptTensor&, const OptTensor&)>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&)>&
-add_lora_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_ext::add_lora_", "")
-                             .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                         const OptTensor&, const OptTensor&)>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, const OptTensor&, const OptTensor&,
-                                          const OptTensor&)>&
-lora_delta_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_ext::lora_delta", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const OptTensor&, const OptTensor&,
-                                               const OptTensor&)>();
-  return op;
-}
-
 // linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan) -> Tensor
 PyObject* linear_lora_direct(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  static const auto op = find_op<LinearLoraFn>("lora_ext::linear_lora");
   const char* name = "linear_lora";
   check_count(name, nargs, 9);
-  const at::Tensor x = *tensor_arg(name, args, 0, false);
-  const at::Tensor weight = *tensor_arg(name, args, 1, false);
-  const OptTensor bias = tensor_arg(name, args, 2, true);
-  const at::Tensor lora_a = *tensor_arg(name, args, 3, false), lora_b = *tensor_arg(name, args, 4, false);
-  const at::Tensor slot_ids = *tensor_arg(name, args, 5, false);
-  const OptTensor scales = tensor_arg(name, args, 6, true), ranks = tensor_arg(name, args, 7, true);
-  const OptTensor plan = tensor_arg(name, args, 8, true);
+  const at::Tensor x = tensor(name, args, 0), weight = tensor(name, args, 1);
+  const OptTensor bias = optional_tensor(name, args, 2);
+  const at::Tensor lora_a = tensor(name, args, 3), lora_b = tensor(name, args, 4), slot_ids = tensor(name, args, 5);
+  const OptTensor scales = optional_tensor(name, args, 6), ranks = optional_tensor(name, args, 7);
+  const OptTensor plan = optional_tensor(name, args, 8);
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = linear_lora_op().redispatch(backend_keys(x), x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks,
-                                      plan);
+    out = op.redispatch(backend_keys(x), x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
@@ -106,17 +83,17 @@ PyObject* linear_lora_direct(PyObject* /*module*/, PyObject* const* args, Py_ssi
 // bumped, as the Autograd kernel of an in-place op does.
 PyObject* add_lora_direct(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  static const auto op = find_op<AddLoraFn>("lora_ext::add_lora_");
   const char* name = "add_lora_";
   check_count(name, nargs, 8);
-  at::Tensor out = *tensor_arg(name, args, 0, false);
-  const at::Tensor x = *tensor_arg(name, args, 1, false);
-  const at::Tensor lora_a = *tensor_arg(name, args, 2, false), lora_b = *tensor_arg(name, args, 3, false);
-  const at::Tensor slot_ids = *tensor_arg(name, args, 4, false);
-  const OptTensor scales = tensor_arg(name, args, 5, true), ranks = tensor_arg(name, args, 6, true);
-  const OptTensor plan = tensor_arg(name, args, 7, true);
+  at::Tensor out = tensor(name, args, 0);
+  const at::Tensor x = tensor(name, args, 1), lora_a = tensor(name, args, 2), lora_b = tensor(name, args, 3);
+  const at::Tensor slot_ids = tensor(name, args, 4);
+  const OptTensor scales = optional_tensor(name, args, 5), ranks = optional_tensor(name, args, 6);
+  const OptTensor plan = optional_tensor(name, args, 7);
   {
     pybind11::gil_scoped_release no_gil;
-    add_lora_op().redispatch(backend_keys(out), out, x, lora_a, lora_b, slot_ids, scales, ranks, plan);
+    op.redispatch(backend_keys(out), out, x, lora_a, lora_b, slot_ids, scales, ranks, plan);
   }
   out.unsafeGetTensorImpl()->bump_version();
   Py_RETURN_NONE;
@@ -126,17 +103,17 @@ PyObject* add_lora_direct(PyObject* /*module*/, PyObject* const* args, Py_ssize_
 // lora_delta(x, lora_a, lora_b, slot_ids, scales, ranks, plan) -> Tensor
 PyObject* lora_delta_direct(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  static const auto op = find_op<LoraDeltaFn>("lora_ext::lora_delta");
   const char* name = "lora_delta";
   check_count(name, nargs, 7);
-  const at::Tensor x = *tensor_arg(name, args, 0, false);
-  const at::Tensor lora_a = *tensor_arg(name, args, 1, false), lora_b = *tensor_arg(name, args, 2, false);
-  const at::Tensor slot_ids = *tensor_arg(name, args, 3, false);
-  const OptTensor scales = tensor_arg(name, args, 4, true), ranks = tensor_arg(name, args, 5, true);
-  const OptTensor plan = tensor_arg(name, args, 6, true);
+  const at::Tensor x = tensor(name, args, 0), lora_a = tensor(name, args, 1), lora_b = tensor(name, args, 2);
+  const at::Tensor slot_ids = tensor(name, args, 3);
+  const OptTensor scales = optional_tensor(name, args, 4), ranks = optional_tensor(name, args, 5);
+  const OptTensor plan = optional_tensor(name, args, 6);
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = lora_delta_op().redispatch(backend_keys(x), x, lora_a, lora_b, slot_ids, scales, ranks, plan);
+    out = op.redispatch(backend_keys(x), x, lora_a, lora_b, slot_ids, scales, ranks, plan);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS

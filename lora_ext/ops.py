@@ -32,7 +32,7 @@ def _use_native():
 _DIRECT_DEVICES = ("cpu", "cuda")
 
 
-def _below_autograd(x):
+def _takes_direct_call(x):
     """Whether to call the op's device kernel directly (lora_ext._C's entry points,
     csrc/direct_calls.cpp). When no gradient is wanted, going through torch.ops only runs the
     Python autograd kernel (op_autograd.py) and boxes the arguments, for nothing: paid by every
@@ -62,7 +62,7 @@ def lora_delta(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
         (T, d_out) tensor in x's dtype.
     """
     if _use_native():
-        if _below_autograd(x):
+        if _takes_direct_call(x):
             return _C.lora_delta(x, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return torch.ops.lora_ext.lora_delta(x, lora_a, lora_b, slot_ids, scales, ranks, plan)
     return reference.lora_delta_ref(x, lora_a, lora_b, slot_ids, scales, ranks)
@@ -71,7 +71,7 @@ def lora_delta(x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
 def add_lora_(out, x, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
     """out += lora_delta(x, ...) in place, summed in float32 and rounded once. out: (T, d_out)."""
     if _use_native():
-        if _below_autograd(out):
+        if _takes_direct_call(out):
             _C.add_lora_(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan)  # bumps out's version
         else:
             torch.ops.lora_ext.add_lora_(out, x, lora_a, lora_b, slot_ids, scales, ranks, plan)
@@ -90,7 +90,7 @@ def linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales=None, ranks=No
     way, up to float32 rounding of the base GEMM.
     """
     if _use_native():
-        if _below_autograd(x):
+        if _takes_direct_call(x):
             return _C.linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan)
         return torch.ops.lora_ext.linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan)
     return reference.linear_lora_ref(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks)

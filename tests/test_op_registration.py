@@ -110,7 +110,7 @@ class _CountingEntryPoints:
 
 def test_calls_without_gradients_give_the_same_results_and_still_reach_dispatch_modes(monkeypatch):
     """Without autograd the wrappers call the device kernel directly (lora_ext._C's entry points,
-    csrc/direct_calls.cpp; lora_ext/ops.py _below_autograd): bit for bit the results of the full
+    csrc/direct_calls.cpp; lora_ext/ops.py _takes_direct_call): bit for bit the results of the full
     dispatch, `out` marked modified as the Autograd kernel would, and a dispatch mode (profilers,
     FakeTensorMode, FLOP counters) still sees every call."""
     from torch.utils._python_dispatch import TorchDispatchMode
