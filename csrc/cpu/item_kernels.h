@@ -55,7 +55,7 @@ struct ItemKernels {
 
 // Items run four at a time when they have one row each and B rank-major: four long streams
 // through memory keep a core's loads in flight better than one item's sixteen short ones
-// (benchmarks/NOTES.md). Items of different ranks may share a group; their d_in and d_out are equal.
+// (benchmarks/NOTES.md). Items of different ranks may share a group.
 constexpr int kQuadItems = 4;
 inline bool quad_fits(const ItemArgs& p) { return p.count == 1 && p.b_out_stride == 1 && p.rank > 0; }
 

@@ -153,38 +153,29 @@ void run_whole_items(const ItemKernels& kernels, const std::vector<ItemArgs>& ar
     kernels.shrink(args[i], xs != nullptr ? xs + xs_offset[i] : nullptr, 0, args[i].rank, u + u_offset[i]);
     kernels.expand(args[i], u + u_offset[i], 0, args[i].d_out);
   };
-  // Items that may run four at a time, by layer size (a quad shares d_in and d_out: the items of
-  // linear_lora_group's members differ there).
-  std::vector<std::vector<int64_t>> quads;
+  std::vector<int64_t> quads;  // items that may run four at a time
   for (int64_t i = begin; i < end; ++i) {
     if (args[i].rank == 0) continue;
-    if (kernels.quad == nullptr || !quad_fits(args[i])) {
+    if (kernels.quad != nullptr && quad_fits(args[i])) {
+      quads.push_back(i);
+    } else {
       run_one(i);
-      continue;
     }
-    auto same_size = [&](const std::vector<int64_t>& q) {
-      return args[q[0]].d_in == args[i].d_in && args[q[0]].d_out == args[i].d_out;
-    };
-    auto bucket = std::find_if(quads.begin(), quads.end(), same_size);
-    if (bucket == quads.end()) bucket = quads.insert(quads.end(), std::vector<int64_t>{});
-    bucket->push_back(i);
   }
-  for (std::vector<int64_t>& bucket : quads) {
-    // Groups of similar ranks, each in descending order as the kernel wants; the last few alone.
-    std::stable_sort(bucket.begin(), bucket.end(), [&](int64_t a, int64_t b) { return args[a].rank > args[b].rank; });
-    const size_t grouped = bucket.size() - bucket.size() % kQuadItems;
-    if (grouped > 0) count_path(KernelPath::kCpuItemsQuad);
-    for (size_t j = 0; j < grouped; j += kQuadItems) {
-      const ItemArgs* group[kQuadItems];
-      float* group_u[kQuadItems];
-      for (int g = 0; g < kQuadItems; ++g) {
-        group[g] = &args[bucket[j + g]];
-        group_u[g] = u + u_offset[bucket[j + g]];
-      }
-      kernels.quad(group, group_u);
+  // Groups of similar ranks, each in descending order as the kernel wants; the last few alone.
+  std::stable_sort(quads.begin(), quads.end(), [&](int64_t a, int64_t b) { return args[a].rank > args[b].rank; });
+  const size_t grouped = quads.size() - quads.size() % kQuadItems;
+  if (grouped > 0) count_path(KernelPath::kCpuItemsQuad);
+  for (size_t j = 0; j < grouped; j += kQuadItems) {
+    const ItemArgs* group[kQuadItems];
+    float* group_u[kQuadItems];
+    for (int g = 0; g < kQuadItems; ++g) {
+      group[g] = &args[quads[j + g]];
+      group_u[g] = u + u_offset[quads[j + g]];
     }
-    for (size_t j = grouped; j < bucket.size(); ++j) run_one(bucket[j]);
+    kernels.quad(group, group_u);
   }
+  for (size_t j = grouped; j < quads.size(); ++j) run_one(quads[j]);
 }
 
 // Three parallel phases over parts of items, so the work spreads over every thread even when

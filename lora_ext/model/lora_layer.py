@@ -56,7 +56,6 @@ class LoraLayer(torch.nn.Module):
         self.epilogue = RowEpilogue(max_adapters, self.out_features, weight.device)
         self.merge_backup = None  # (weight, bias) as they were before merge_adapter changed them
         self._owner = owner
-        self.input_group = None  # the layers that read the same input as this one (input_groups.py)
         self._base_is_linear = type(base_layer) is torch.nn.Linear
         self._cache_op_args()
 
@@ -169,19 +168,16 @@ class LoraLayer(torch.nn.Module):
         slot_ids, plan = batch.slots_and_plan(x.numel() // self.in_features)
         if batch.training:
             return self._train_forward(batch, x, weight, bias, plain, run_base, slot_ids, plan)
-        out = self._serve_forward(batch, x, weight, bias, plain, run_base, slot_ids, plan)
+        out = self._serve_forward(x, weight, bias, plain, run_base, slot_ids, plan)
         if self.epilogue.applies_to(batch):
             out = self.epilogue(out, batch.table_rows(slot_ids))
         return out
 
-    def _serve_forward(self, batch, x, weight, bias, plain, run_base, slot_ids, plan):
+    def _serve_forward(self, x, weight, bias, plain, run_base, slot_ids, plan):
         rows = x.reshape(-1, self.in_features)
         lora_a, lora_b, scales, ranks = self._op_args
         if plain and rows.dtype == lora_a.dtype == weight.dtype:
-            group = self.input_group
-            out = None if group is None else group.serve(self, x, rows, batch, slot_ids, plan)
-            if out is None:
-                out = ops.linear_lora(rows, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan)
+            out = ops.linear_lora(rows, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan)
             return out.view(*x.shape[:-1], self.out_features)
         out = run_base()
         if rows.dtype != lora_a.dtype:

@@ -16,7 +16,6 @@ from lora_ext.adapters.config import names_module
 from lora_ext.adapters.peft_format import AdapterError
 from lora_ext.adapters.store import DEFAULT_SLOT_TIMEOUT, AdapterStore
 from lora_ext.model.batch import BatchRows, active_batch
-from lora_ext.model.input_groups import find_input_groups
 from lora_ext.model.lora_layer import LoraLayer
 from lora_ext.model.saved_module import SavedModuleLayer
 from lora_ext.model.targets import find_target_modules
@@ -36,7 +35,7 @@ class MultiLoraModel(TrainingMixin):
     """
 
     def __init__(self, model, target_modules="all-linear", max_adapters=8, max_rank=64, host_cache_bytes=None,
-                 slot_timeout=DEFAULT_SLOT_TIMEOUT, modules_to_save=None, share_inputs=True):
+                 slot_timeout=DEFAULT_SLOT_TIMEOUT, modules_to_save=None):
         for arg, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"lora_ext: {arg} must be a positive integer, not {value!r}")
@@ -67,8 +66,6 @@ class MultiLoraModel(TrainingMixin):
             self._originals[name] = (parent, child, getattr(parent, child))
             setattr(parent, child, wrapper)
         model._lora_ext_patched = True
-        # layers that read one input (q/k/v, gate/up) serve in one call (lora_ext/model/input_groups.py)
-        self.input_groups = find_input_groups(self.layers) if share_inputs else []
         self.store = AdapterStore(self.layers, max_adapters, max_rank, host_cache_bytes, slot_timeout,
                                   saved_layers=self.saved_layers)
         self._lock = threading.RLock()  # guards the merged state
@@ -193,8 +190,6 @@ class MultiLoraModel(TrainingMixin):
             with torch.no_grad(), active_batch(rows):
                 yield
         finally:
-            for group in self.input_groups:
-                group.forget()
             if slots:
                 self.store.release(slots)
 
@@ -354,7 +349,7 @@ def _one_group(shardings):
 
 
 def patch_model(model, target_modules="all-linear", max_adapters=8, max_rank=64, host_cache_bytes=None,
-                slot_timeout=DEFAULT_SLOT_TIMEOUT, modules_to_save=None, share_inputs=True):
+                slot_timeout=DEFAULT_SLOT_TIMEOUT, modules_to_save=None):
     """Patches `model` in place so every batch row can use its own LoRA adapter.
 
     Args:
@@ -369,10 +364,7 @@ def patch_model(model, target_modules="all-linear", max_adapters=8, max_rank=64,
         modules_to_save: modules (names or name suffixes, e.g. ["lm_head"]) of which adapters may
             carry their own full copy (PEFT's modules_to_save); max_adapters copies of each are
             preallocated, and an adapter carrying a copy of any other module is refused.
-        share_inputs: serve layers seen reading one input (q/k/v, gate/up) in one op call
-            (lora_ext/model/input_groups.py); False runs every layer on its own.
     Returns:
         MultiLoraModel
     """
-    return MultiLoraModel(model, target_modules, max_adapters, max_rank, host_cache_bytes, slot_timeout, modules_to_save,
-                          share_inputs)
+    return MultiLoraModel(model, target_modules, max_adapters, max_rank, host_cache_bytes, slot_timeout, modules_to_save)
