@@ -126,13 +126,6 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10:
 }
 
 // Reads values[i] (int32 or int64, any stride) as int64.
-void check_group_lists(size_t weights, size_t biases, size_t lora_a, size_t lora_b, size_t scales, size_t ranks) {
-  TORCH_CHECK(weights >= 1, "linear_lora_group: needs at least one member (weights is empty)");
-  TORCH_CHECK(biases == weights && lora_a == weights && lora_b == weights && scales == weights && ranks == weights,
-              "linear_lora_group: ", weights, " weights but biases, lora_a, lora_b, scales and ranks have ", biases,
-              ", ", lora_a, ", ", lora_b, ", ", scales, " and ", ranks, " entries; each list needs one per member");
-}
-
 int64_t index_at(const at::Tensor& t, int64_t i) {
   return t.scalar_type() == at::kInt ? t.data_ptr<int32_t>()[i * t.stride(0)]
                                      : t.data_ptr<int64_t>()[i * t.stride(0)];

@@ -34,9 +34,6 @@ void check_out(const char* op, const char* name, const at::Tensor& out, const at
 void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        const LoraSizes& sizes);
 
-// linear_lora_group's lists: at least one member, one entry per member in every list.
-void check_group_lists(size_t weights, size_t biases, size_t lora_a, size_t lora_b, size_t scales, size_t ranks);
-
 // ids[i] of an int32 or int64 CPU tensor with any stride, as int64.
 int64_t index_at(const at::Tensor& ids, int64_t i);
 

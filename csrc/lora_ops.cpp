@@ -42,11 +42,6 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def(
       "linear_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor slot_ids, "
       "Tensor? scales=None, Tensor? ranks=None, Tensor? plan=None) -> Tensor");
-  // linear_lora of layers that read the same x (q/k/v, gate/up), one output per member; every
-  // list has one entry per member. Serving only: it has no autograd kernel.
-  m.def(
-      "linear_lora_group(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] lora_a, Tensor[] lora_b, "
-      "Tensor slot_ids, Tensor[] scales, Tensor[] ranks, Tensor? plan=None) -> Tensor[]");
   // The gradients of lora_delta's output grad_out with respect to x, lora_a and lora_b (each only
   // where output_mask says; None otherwise).
   m.def(

@@ -13,7 +13,7 @@ import torch
 from lora_ext import reference
 from lora_ext._native import native_available, native_error
 
-__all__ = ["lora_delta", "add_lora_", "linear_lora", "linear_lora_group", "build_plan", "plan_layout"]
+__all__ = ["lora_delta", "add_lora_", "linear_lora", "build_plan", "plan_layout"]
 
 _warned = False
 
@@ -96,23 +96,6 @@ def linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales=None, ranks=No
     return reference.linear_lora_ref(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks)
 
 
-def linear_lora_group(x, weights, biases, lora_a, lora_b, slot_ids, scales, ranks, plan=None):
-    """linear_lora for layers that read the same x (a Llama block's q/k/v, its gate/up): a list
-    with linear_lora(x, weights[i], biases[i], lora_a[i], lora_b[i], slot_ids, scales[i],
-    ranks[i], plan) for each member i; every list has one entry per member, and the members have
-    the same number of slots (they share the plan). On CPU the members' deltas run in one
-    parallel region (float32 decode: their base GEMMs too) instead of one per layer. Serving
-    only: refused where autograd would record it.
-    """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *lora_a, *lora_b)):
-        raise RuntimeError("lora_ext: linear_lora_group has no gradient; call linear_lora per layer to train")
-    if _use_native():
-        return torch.ops.lora_ext.linear_lora_group(x, list(weights), list(biases), list(lora_a), list(lora_b),
-                                                    slot_ids, list(scales), list(ranks), plan)
-    return [reference.linear_lora_ref(x, *member, slot_ids, scale, rank)
-            for *member, scale, rank in zip(weights, biases, lora_a, lora_b, scales, ranks)]
-
-
 def build_plan(slot_ids, num_slots):
     """Groups rows by slot once per forward pass: an int32 tensor every op call can reuse.
 
@@ -149,10 +132,6 @@ if native_available():
     @torch.library.register_fake("lora_ext::linear_lora")
     def _linear_lora_fake(x, weight, bias, lora_a, lora_b, slot_ids, scales=None, ranks=None, plan=None):
         return x.new_empty((x.shape[0], weight.shape[0]))
-
-    @torch.library.register_fake("lora_ext::linear_lora_group")
-    def _linear_lora_group_fake(x, weights, biases, lora_a, lora_b, slot_ids, scales, ranks, plan=None):
-        return [x.new_empty((x.shape[0], weight.shape[0])) for weight in weights]
 
     @torch.library.register_fake("lora_ext::build_plan")
     def _build_plan_fake(slot_ids, num_slots):

@@ -10,7 +10,6 @@
 
 #include <omp.h>
 
-#include <string>
 #include <vector>
 
 #include "cpu/base_gemm.h"
@@ -48,36 +47,27 @@ std::vector<int64_t> split_by_bytes(const std::vector<ItemArgs>& args, int64_t t
   return first;
 }
 
-// One parallel region: each thread computes its columns of every x W^T + bias in `gemms` (one
-// per layer: a layer, or layers that share x), then, after a barrier (every column of every row
-// is written), adds the deltas of its share of the items.
-void run_fused_linear(const std::vector<BaseGemmArgs>& gemms, const std::vector<ItemArgs>& args,
-                      const ItemKernels& kernels) {
-  const int64_t n = static_cast<int64_t>(args.size());
+// One parallel region: each thread computes its columns of x W^T + bias, then, after a barrier
+// (every column of every row is written), adds the deltas of its share of the items.
+void run_fused_linear(const BaseGemmArgs& gemm, const LoraCall& call, const int32_t* order,
+                      const std::vector<WorkItem>& items, const ItemKernels& kernels) {
+  const int64_t n = static_cast<int64_t>(items.size());
+  std::vector<ItemArgs> args(n);
   std::vector<int64_t> u_offset(n + 1, 0);
-  for (int64_t i = 0; i < n; ++i) u_offset[i + 1] = u_offset[i] + args[i].count * args[i].rank;
+  for (int64_t i = 0; i < n; ++i) {
+    args[i] = item_args(call, order, items[i]);
+    u_offset[i + 1] = u_offset[i] + args[i].count * args[i].rank;
+  }
   thread_local ReusedBuffer u_buffer;
   float* u = u_buffer.get(u_offset[n]);
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     const std::vector<int64_t> first = split_by_bytes(args, threads);
-    for (const BaseGemmArgs& gemm : gemms) base_gemm_columns(gemm, gemm.n * t / threads, gemm.n * (t + 1) / threads);
+    base_gemm_columns(gemm, gemm.n * t / threads, gemm.n * (t + 1) / threads);
 #pragma omp barrier
     run_whole_items(kernels, args, first[t], first[t + 1], /*xs=*/nullptr, /*xs_offset=*/{}, u, u_offset);
   }
-}
-
-BaseGemmArgs base_gemm_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                            at::Tensor& out, const LoraSizes& sizes) {
-  return BaseGemmArgs{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), weight.stride(0),
-                      bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), out.stride(0),
-                      sizes.rows, sizes.d_out, sizes.d_in};
-}
-
-void append_item_args(const LoraCall& call, const int32_t* order, const std::vector<WorkItem>& items,
-                      std::vector<ItemArgs>* args) {
-  for (const WorkItem& item : items) args->push_back(item_args(call, order, item));
 }
 
 // Whether this call runs fused: the fusion rule, unit strides along rows, every slot on the item
@@ -115,113 +105,18 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     return out;
   }
   out = at::empty({sizes.rows, sizes.d_out}, x.options());
-  std::vector<ItemArgs> args;
-  append_item_args(call, order, work.items, &args);
+  const BaseGemmArgs gemm{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), weight.stride(0),
+                          bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), out.stride(0),
+                          sizes.rows, sizes.d_out, sizes.d_in};
   count_path(KernelPath::kCpuLinearFused);
   if (!work.items.empty()) count_path(kernels.path);
-  run_fused_linear({base_gemm_args(x, weight, bias, out, sizes)}, args, kernels);
+  run_fused_linear(gemm, call, order, work.items, kernels);
   return out;
-}
-
-// One member of linear_lora_group: its arguments, checked, and its work.
-struct GroupMember {
-  at::Tensor out;
-  c10::optional<at::Tensor> bias, scales, ranks;
-  LoraSizes sizes;
-  Work work;
-  ItemKernels kernels;
-};
-
-bool same_kernels(const ItemKernels& a, const ItemKernels& b) {
-  return a.rows_to_float == b.rows_to_float && a.shrink == b.shrink && a.expand == b.expand && a.quad == b.quad;
-}
-
-// linear_lora of layers that share x (q/k/v, gate/up): outs[i] = linear_lora(x, weights[i],
-// biases[i], lora_a[i], lora_b[i], slot_ids, scales[i], ranks[i], plan), with all members' deltas
-// in one parallel region (and, fused, their base GEMMs too) instead of one region per layer.
-std::vector<at::Tensor> linear_lora_group_cpu(const at::Tensor& x, at::TensorList weights,
-                                              const c10::List<c10::optional<at::Tensor>>& biases,
-                                              at::TensorList lora_a, at::TensorList lora_b,
-                                              const at::Tensor& slot_ids, at::TensorList scales,
-                                              at::TensorList ranks, const c10::optional<at::Tensor>& plan_arg) {
-  const int64_t n = static_cast<int64_t>(weights.size());
-  check_group_lists(weights.size(), biases.size(), lora_a.size(), lora_b.size(), scales.size(), ranks.size());
-  std::vector<GroupMember> members(n);  // sized once: the calls below hold references into it
-  for (int64_t i = 0; i < n; ++i) {
-    const std::string op = "linear_lora_group (member " + std::to_string(i) + ")";
-    GroupMember& m = members[i];
-    m.bias = biases.get(i);
-    m.scales = scales[i];
-    m.ranks = ranks[i];
-    m.sizes = check_lora_args(op.c_str(), x, lora_a[i], lora_b[i], slot_ids, m.scales, m.ranks, plan_arg);
-    check_linear_args(x, weights[i], m.bias, m.sizes);
-    check_slot_and_rank_values(slot_ids, m.ranks, m.sizes);
-  }
-  for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK(members[i].sizes.slots == members[0].sizes.slots, "linear_lora_group: member ", i, " has ",
-                members[i].sizes.slots, " adapter slots and member 0 has ", members[0].sizes.slots,
-                "; the members share one batch plan, so they need the same number of slots");
-  }
-  std::vector<at::Tensor> outs(n);
-  if (x.size(0) == 0) {
-    for (int64_t i = 0; i < n; ++i) outs[i] = at::empty({0, members[i].sizes.d_out}, x.options());
-    return outs;
-  }
-  const at::Tensor plan = plan_for(slot_ids, plan_arg, members[0].sizes);
-  const PlanLayout layout{members[0].sizes.rows, members[0].sizes.slots};
-  const int32_t* order = plan.data_ptr<int32_t>() + layout.order();
-  std::vector<LoraCall> calls;
-  calls.reserve(n);
-  bool fused = true, one_kernel = true;
-  const ItemKernels* kernels = nullptr;  // the item kernels of the first member with items
-  for (int64_t i = 0; i < n; ++i) {
-    GroupMember& m = members[i];
-    calls.push_back(LoraCall{x, lora_a[i], lora_b[i], m.out, m.scales, m.ranks, m.sizes, /*accumulate=*/true});
-    m.work = collect_work(calls[i], plan.data_ptr<int32_t>() + layout.offsets(), layout);
-    if (!m.work.items.empty()) {
-      m.kernels = choose_item_kernels(x.scalar_type(), item_args(calls[i], order, m.work.items[0]));
-      if (kernels == nullptr) kernels = &m.kernels;
-      one_kernel = one_kernel && same_kernels(m.kernels, *kernels);
-    }
-    fused = fused && fused_linear_fits(x, weights[i], m.bias, m.sizes, m.work, m.kernels);
-  }
-  if (fused && one_kernel) {
-    std::vector<BaseGemmArgs> gemms;
-    std::vector<ItemArgs> args;
-    for (int64_t i = 0; i < n; ++i) {
-      members[i].out = at::empty({members[i].sizes.rows, members[i].sizes.d_out}, x.options());
-      gemms.push_back(base_gemm_args(x, weights[i], members[i].bias, members[i].out, members[i].sizes));
-      append_item_args(calls[i], order, members[i].work.items, &args);
-    }
-    count_path(KernelPath::kCpuLinearFused);
-    if (kernels != nullptr) count_path(kernels->path);
-    run_fused_linear(gemms, args, kernels != nullptr ? *kernels : ItemKernels{});
-  } else {
-    count_path(KernelPath::kCpuLinearUnfused);
-    const at::Tensor plan_order = plan.narrow(0, layout.order(), layout.num_rows);
-    std::vector<CallItems> parts;
-    for (int64_t i = 0; i < n; ++i) {
-      members[i].out = at::linear(x, weights[i], members[i].bias);
-      run_gemm_work(calls[i], plan_order, members[i].work);
-      if (members[i].work.items.empty()) continue;
-      if (one_kernel) {
-        parts.push_back(CallItems{&calls[i], &members[i].work.items});
-      } else {
-        run_items(calls[i], order, members[i].work.items);
-      }
-    }
-    if (!parts.empty()) run_items(parts, order);
-  }
-  for (int64_t i = 0; i < n; ++i) outs[i] = members[i].out;
-  return outs;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
-  m.impl("linear_lora", &linear_lora_cpu);
-  m.impl("linear_lora_group", &linear_lora_group_cpu);
-}
+TORCH_LIBRARY_IMPL(lora_ext, CPU, m) { m.impl("linear_lora", &linear_lora_cpu); }
 
 }  // namespace cpu
 }  // namespace lora_ext

@@ -134,9 +134,10 @@ struct Task {
   int64_t end;
 };
 
-std::vector<Task> split_items(const std::vector<int64_t>& extent, int64_t step) {
+std::vector<Task> split_items(const std::vector<WorkItem>& items, const std::vector<int64_t>& extent,
+                              int64_t step) {
   std::vector<Task> tasks;
-  for (int64_t i = 0; i < static_cast<int64_t>(extent.size()); ++i) {
+  for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
     for (int64_t begin = 0; begin < extent[i]; begin += step) {
       tasks.push_back({i, begin, std::min(extent[i], begin + step)});
     }
@@ -180,28 +181,18 @@ void run_whole_items(const ItemKernels& kernels, const std::vector<ItemArgs>& ar
 
 // Three parallel phases over parts of items, so the work spreads over every thread even when
 // the batch has fewer items than threads: rows to float32, shrink by rank groups, expand by
-// column chunks. Items without an adapter are zeroed (lora_delta) in the first phase. The items
-// of several calls that share x (linear_lora_group) run together: one parallel region, one
-// barrier, for all of them.
-void run_items(const std::vector<CallItems>& parts, const int32_t* order) {
-  std::vector<ItemArgs> args;
-  std::vector<std::pair<const LoraCall*, WorkItem>> owner;  // each item's call, for zero_rows
-  for (const CallItems& part : parts) {
-    for (const WorkItem& item : *part.items) {
-      args.push_back(item_args(*part.call, order, item));
-      owner.emplace_back(part.call, item);
-    }
-  }
-  if (args.empty()) return;
-  const int64_t n = static_cast<int64_t>(args.size());
-  std::vector<int64_t> xs_offset(args.size() + 1, 0), u_offset(args.size() + 1, 0), ranks(args.size()),
-      columns(args.size());
+// column chunks. Items without an adapter are zeroed (lora_delta) in the first phase.
+void run_items(const LoraCall& call, const int32_t* order, const std::vector<WorkItem>& items) {
+  const int64_t n = static_cast<int64_t>(items.size());
+  std::vector<ItemArgs> args(n);
+  std::vector<int64_t> xs_offset(n + 1, 0), u_offset(n + 1, 0), ranks(n), columns(n);
   for (int64_t i = 0; i < n; ++i) {
+    args[i] = item_args(call, order, items[i]);
     ranks[i] = args[i].rank;
-    columns[i] = args[i].rank > 0 ? args[i].d_out : 0;
+    columns[i] = args[i].rank > 0 ? call.sizes.d_out : 0;
     u_offset[i + 1] = u_offset[i] + args[i].count * args[i].rank;
   }
-  const ItemKernels kernels = choose_item_kernels(parts[0].call->x.scalar_type(), args[0]);
+  const ItemKernels kernels = choose_item_kernels(call.x.scalar_type(), args[0]);
   const bool lora_work = std::any_of(args.begin(), args.end(), [](const ItemArgs& a) { return a.rank > 0; });
   if (lora_work) count_path(kernels.path);  // not for a call that only zeroes rows
   for (int64_t i = 0; i < n; ++i) {  // float32 copies of x's rows, for kernels that want them
@@ -215,8 +206,8 @@ void run_items(const std::vector<CallItems>& parts, const int32_t* order) {
   const int64_t rows_grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, xs_offset[n] / n));
   at::parallel_for(0, n, xs_offset[n] == 0 ? n : rows_grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      if (owner[i].second.slot < 0) {
-        zero_rows(*owner[i].first, order, owner[i].second);
+      if (items[i].slot < 0) {
+        zero_rows(call, order, items[i]);
       } else if (kernels.rows_to_float != nullptr && args[i].rank > 0) {
         kernels.rows_to_float(args[i], xs + xs_offset[i]);
       }
@@ -242,8 +233,8 @@ void run_items(const std::vector<CallItems>& parts, const int32_t* order) {
   // the expand tasks read next), a barrier, the expand tasks.
   if (lora_work) count_path(KernelPath::kCpuItemsSplit);
   for (ItemArgs& item : args) item.prefetch_b = true;
-  const std::vector<Task> shrink_tasks = split_items(ranks, kShrinkTaskRanks);
-  const std::vector<Task> expand_tasks = split_items(columns, kExpandTaskColumns);
+  const std::vector<Task> shrink_tasks = split_items(items, ranks, kShrinkTaskRanks);
+  const std::vector<Task> expand_tasks = split_items(items, columns, kExpandTaskColumns);
 #pragma omp parallel num_threads(threads)
   {
     const int64_t team = omp_get_num_threads(), t = omp_get_thread_num();
@@ -259,10 +250,6 @@ void run_items(const std::vector<CallItems>& parts, const int32_t* order) {
       kernels.expand(args[task.item], u + u_offset[task.item], task.begin, task.end);
     }
   }
-}
-
-void run_items(const LoraCall& call, const int32_t* order, const std::vector<WorkItem>& items) {
-  run_items({CallItems{&call, &items}}, order);
 }
 
 Work collect_work(const LoraCall& call, const int32_t* offsets, const PlanLayout& layout) {
@@ -289,17 +276,13 @@ at::Tensor plan_for(const at::Tensor& slot_ids, const c10::optional<at::Tensor>&
   return plan_arg.has_value() ? *plan_arg : build_plan_cpu(slot_ids, sizes.slots);
 }
 
-void run_gemm_work(const LoraCall& call, const at::Tensor& plan_order, const Work& work) {
+void run_work(const LoraCall& call, const at::Tensor& plan, const PlanLayout& layout, const Work& work) {
+  const at::Tensor plan_order = plan.narrow(0, layout.order(), call.sizes.rows);
   if (!work.gemm_segments.empty()) count_path(KernelPath::kCpuGemmSegments);
   const GemmGroups groups = group_gemm_work(call, work.gemm_segments);
   if (!groups.batched.empty()) count_path(KernelPath::kCpuGemmBatched);
   for (const std::vector<WorkItem>& group : groups.batched) run_gemm_group(call, plan_order, group);
   for (const WorkItem& seg : groups.single) run_gemm_segment(call, plan_order, seg);
-}
-
-void run_work(const LoraCall& call, const at::Tensor& plan, const PlanLayout& layout, const Work& work) {
-  const at::Tensor plan_order = plan.narrow(0, layout.order(), call.sizes.rows);
-  run_gemm_work(call, plan_order, work);
   if (!work.items.empty()) run_items(call, plan_order.data_ptr<int32_t>(), work.items);
 }
 

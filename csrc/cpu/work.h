@@ -86,14 +86,6 @@ void run_whole_items(const ItemKernels& kernels, const std::vector<ItemArgs>& ar
                      const std::vector<int64_t>& u_offset);
 // The items on the intra-op thread pool, whole or split in parts depending on their number.
 void run_items(const LoraCall& call, const int32_t* order, const std::vector<WorkItem>& items);
-// The items of several calls (same x, same plan, same item kernels) together, as one call's.
-struct CallItems {
-  const LoraCall* call;
-  const std::vector<WorkItem>* items;
-};
-void run_items(const std::vector<CallItems>& parts, const int32_t* order);
-// A call's GEMM segments (plan_order: the plan's order part, rows grouped by slot).
-void run_gemm_work(const LoraCall& call, const at::Tensor& plan_order, const Work& work);
 // All of a call's work: its GEMM segments, then its items.
 void run_work(const LoraCall& call, const at::Tensor& plan, const PlanLayout& layout, const Work& work);
 
