@@ -59,6 +59,18 @@ c10::DispatchKeySet backend_keys(const at::Tensor& x) {
   return c10::DispatchKeySet(x.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
 }
 
+// The arguments every op ends with: lora_a, lora_b, slot_ids, scales, ranks, plan, from `first` on.
+struct AdapterArgs {
+  at::Tensor lora_a, lora_b, slot_ids;
+  OptTensor scales, ranks, plan;
+};
+
+AdapterArgs adapter_args(const char* op, PyObject* const* args, int first) {
+  return AdapterArgs{tensor(op, args, first), tensor(op, args, first + 1), tensor(op, args, first + 2),
+                     optional_tensor(op, args, first + 3), optional_tensor(op, args, first + 4),
+                     optional_tensor(op, args, first + 5)};
+}
+
 // linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan) -> Tensor
 PyObject* linear_lora_direct(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -67,13 +79,11 @@ PyObject* linear_lora_direct(PyObject* /*module*/, PyObject* const* args, Py_ssi
   check_count(name, nargs, 9);
   const at::Tensor x = tensor(name, args, 0), weight = tensor(name, args, 1);
   const OptTensor bias = optional_tensor(name, args, 2);
-  const at::Tensor lora_a = tensor(name, args, 3), lora_b = tensor(name, args, 4), slot_ids = tensor(name, args, 5);
-  const OptTensor scales = optional_tensor(name, args, 6), ranks = optional_tensor(name, args, 7);
-  const OptTensor plan = optional_tensor(name, args, 8);
+  const AdapterArgs a = adapter_args(name, args, 3);
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = op.redispatch(backend_keys(x), x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan);
+    out = op.redispatch(backend_keys(x), x, weight, bias, a.lora_a, a.lora_b, a.slot_ids, a.scales, a.ranks, a.plan);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
@@ -87,13 +97,11 @@ PyObject* add_lora_direct(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   const char* name = "add_lora_";
   check_count(name, nargs, 8);
   at::Tensor out = tensor(name, args, 0);
-  const at::Tensor x = tensor(name, args, 1), lora_a = tensor(name, args, 2), lora_b = tensor(name, args, 3);
-  const at::Tensor slot_ids = tensor(name, args, 4);
-  const OptTensor scales = optional_tensor(name, args, 5), ranks = optional_tensor(name, args, 6);
-  const OptTensor plan = optional_tensor(name, args, 7);
+  const at::Tensor x = tensor(name, args, 1);
+  const AdapterArgs a = adapter_args(name, args, 2);
   {
     pybind11::gil_scoped_release no_gil;
-    op.redispatch(backend_keys(out), out, x, lora_a, lora_b, slot_ids, scales, ranks, plan);
+    op.redispatch(backend_keys(out), out, x, a.lora_a, a.lora_b, a.slot_ids, a.scales, a.ranks, a.plan);
   }
   out.unsafeGetTensorImpl()->bump_version();
   Py_RETURN_NONE;
@@ -106,14 +114,12 @@ PyObject* lora_delta_direct(PyObject* /*module*/, PyObject* const* args, Py_ssiz
   static const auto op = find_op<LoraDeltaFn>("lora_ext::lora_delta");
   const char* name = "lora_delta";
   check_count(name, nargs, 7);
-  const at::Tensor x = tensor(name, args, 0), lora_a = tensor(name, args, 1), lora_b = tensor(name, args, 2);
-  const at::Tensor slot_ids = tensor(name, args, 3);
-  const OptTensor scales = optional_tensor(name, args, 4), ranks = optional_tensor(name, args, 5);
-  const OptTensor plan = optional_tensor(name, args, 6);
+  const at::Tensor x = tensor(name, args, 0);
+  const AdapterArgs a = adapter_args(name, args, 1);
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = op.redispatch(backend_keys(x), x, lora_a, lora_b, slot_ids, scales, ranks, plan);
+    out = op.redispatch(backend_keys(x), x, a.lora_a, a.lora_b, a.slot_ids, a.scales, a.ranks, a.plan);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
