@@ -112,3 +112,15 @@ def test_report_lists_every_cell_and_the_count_that_meets_the_target(run):
     assert f"cells meeting the target: {met} of {len(rows)}" in run["text"]
     assert run["text"] in run["stdout"]
     assert "Warning" not in run["stderr"], run["stderr"]
+
+
+def test_the_setup_names_the_allocator_setting(run):
+    """The prefill cells are timed with glibc keeping freed memory (measure.keep_freed_memory):
+    the run says so, since it changes the base model's times as well."""
+    import platform
+
+    allocator = run["result"]["setup"]["allocator"]
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert allocator.startswith("glibc mallopt: mmap threshold 1 GiB")
+    else:
+        assert allocator == "default"

@@ -46,14 +46,14 @@ def parse_args(argv):
     p.add_argument("--matrix", action="store_true")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"],
                    choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--counts", type=int, nargs="+", default=[1, 2, 8, 32, 64], help="adapters in use (decode)")
+    p.add_argument("--counts", type=int, nargs="*", default=[1, 2, 8, 32, 64], help="adapters in use (decode)")
     p.add_argument("--prefill-counts", type=int, nargs="*", default=[1, 2, 8, 32],
                    help="prompts, one adapter each (prefill); none: no prefill cells")
     p.add_argument("--prefill-dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--pairs", type=int, default=40, help="timed (base, LoRA) pairs per decode cell")
-    p.add_argument("--prefill-pairs", type=int, default=3, help="timed pairs per prefill cell")
+    p.add_argument("--prefill-pairs", type=int, default=5, help="timed pairs per prefill cell")
     p.add_argument("--compile", action="store_true", help="also the decode cells of 32 rows through torch.compile "
                    "(float32, bfloat16), counting what compiles again as the mix changes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -272,10 +272,11 @@ def summary_lines(rows, floors, recompiles):
 # ---- run ------------------------------------------------------------------------------------------
 
 def run(args):
-    from lora_ext.bench.measure import machine_info, measure_bandwidth
+    from lora_ext.bench.measure import keep_freed_memory, machine_info, measure_bandwidth
     from lora_ext.bench.synthetic import build_default_model, make_adapters
 
     os.makedirs(args.out, exist_ok=True)
+    allocator = keep_freed_memory()  # before any model exists: prefill rounds without page-fault noise
     cells = build_cells(args)
     needed = max(c.adapters for c in cells)
     rows, recompiles = [], {}
@@ -304,7 +305,8 @@ def run(args):
     text = "\n".join([format_rows(rows), "", *summary_lines(rows, floors, recompiles)])
     print()
     print(text)
-    result = dict(setup=machine_info(args.device), args=vars(args), floors=floors, rows=rows, recompiles=recompiles)
+    setup = dict(machine_info(args.device), allocator=allocator or "default")
+    result = dict(setup=setup, args=vars(args), floors=floors, rows=rows, recompiles=recompiles)
     atomic.write_json(os.path.join(args.out, "matrix.json"), result, indent=1, default=str)
     with atomic.atomic_path(os.path.join(args.out, "matrix.txt")) as tmp:
         with open(tmp, "w") as f:
