@@ -19,12 +19,14 @@ enum class Setting : int {
   kCpuBackwardGemmMinRows,  // the same for lora_backward (its per-slot kernels win longer)
   kCpuFusedLinear,   // "on"/"off": linear_lora's fused CPU path (lora_ext's GEMM + items)
   kCpuAvx512Bf16,    // "on"/"off": bfloat16 shrink with AVX512-BF16 dot products where present
+  kCpuFusedLinear16Bit,  // "auto"/"on"/"off": whether bfloat16 and float16 take the fused path too
   kCudaKernel,       // "auto", "simt" (CUDA cores) or "mma" (tensor cores, float16/bfloat16)
   kCount,
 };
 
 // Values of the enumerated settings, as kernels read them.
 enum CpuIsa : int64_t { kCpuIsaAuto = 0, kCpuIsaPortable = 1 };
+enum Fused16Bit : int64_t { kFused16BitAuto = 0, kFused16BitOn = 1, kFused16BitOff = 2 };
 enum CudaKernel : int64_t { kCudaAuto = 0, kCudaSimt = 1, kCudaMma = 2 };
 
 int64_t setting(Setting s);

@@ -8,7 +8,11 @@ csrc/kernel_config.cpp):
     cpu_backward_gemm_min_rows [256]  the same for the backward (lora_backward), whose per-slot
                                  kernels measured faster up to 128-512 rows (benchmarks/NOTES.md)
     cpu_fused_linear   [True]    linear_lora's fused CPU path (lora_ext's GEMM + the deltas)
-    cpu_avx512_bf16    [True]    bfloat16 shrink with AVX512-BF16 dot products where the CPU has them
+    cpu_avx512_bf16    [True]    bfloat16 shrink (and fused base GEMM) with AVX512-BF16 dot products
+                                 where the CPU has them
+    cpu_fused_linear_16bit ["auto"]  whether bfloat16 and float16 take the fused path too: "auto" where
+                                 ATen's GEMM has no faster unit for them (bfloat16: no AMX; float16:
+                                 no AVX512-FP16), True always, False never
     cuda_kernel        ["auto"]  "simt" (CUDA cores) or "mma" (tensor cores) forces a CUDA path
 
 Each is read once from the environment variable LORA_EXT_<NAME> (for example

@@ -16,6 +16,8 @@ def _cpu_flags():
 CPU_FLAGS = _cpu_flags()
 HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= CPU_FLAGS
 HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in CPU_FLAGS
+HAS_AMX_BF16 = "amx_bf16" in CPU_FLAGS
+HAS_AVX512_FP16 = "avx512_fp16" in CPU_FLAGS
 
 # CPU kernel configurations: the AVX-512 item kernel (default where the CPU has it; its bfloat16
 # shrink uses AVX512-BF16 dot products where present), the same without those dot products, the

@@ -25,7 +25,7 @@ def delta_paths(inputs, **settings):
 def test_settings_round_trip_and_restore():
     before = kernel_config.settings()
     assert set(before) == {"cpu_isa", "cpu_gemm_min_rows", "cpu_backward_gemm_min_rows", "cpu_fused_linear",
-                           "cpu_avx512_bf16", "cuda_kernel"}
+                           "cpu_avx512_bf16", "cpu_fused_linear_16bit", "cuda_kernel"}
     with kernel_config.configured(cpu_isa="portable", cpu_gemm_min_rows=7, cpu_fused_linear=False):
         now = kernel_config.settings()
         assert (now["cpu_isa"], now["cpu_gemm_min_rows"], now["cpu_fused_linear"]) == ("portable", 7, False)
@@ -137,7 +137,8 @@ def test_linear_lora_fuses_exactly_where_the_rule_says(rows, d_in):
     assert taken.get("cpu_linear_fused" if fuses else "cpu_linear_unfused") == 1, taken
     with kernel_config.configured(cpu_fused_linear=False):
         assert not kernel_config.linear_lora_fuses(rows, d_in, torch.float32)
-    assert not kernel_config.linear_lora_fuses(rows, d_in, torch.bfloat16)
+    with kernel_config.configured(cpu_fused_linear_16bit=False):
+        assert not kernel_config.linear_lora_fuses(rows, d_in, torch.bfloat16)
 
 
 def test_plan_layout_describes_the_plan():

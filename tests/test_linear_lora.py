@@ -7,6 +7,7 @@ import torch
 import lora_ext
 import lora_ext.reference
 from lora_ext import kernel_config
+from kernel_paths import HAS_AMX_BF16, HAS_AVX512, HAS_AVX512_BF16, HAS_AVX512_FP16
 from helpers import DISTRIBUTIONS, assert_rows_match, magnitude64, make_inputs, pytorch_linear_lora, reference64
 
 FUSED = {"fused": {}, "unfused": {"cpu_fused_linear": False}}
@@ -71,6 +72,54 @@ def test_half_dtypes_match_reference(dtype, rows):
     inputs = make_inputs(rows, 96, 80, 6, 16, dtype, "cpu", "with_none", seed=rows)
     weight, bias = base_layer(96, 80, True, dtype, rows)
     check(inputs, weight, bias, dtype, f"{dtype} T={rows}")
+
+
+# linear_lora's 16-bit paths: lora_ext's GEMM with vdpbf16ps (bfloat16 where the CPU has
+# AVX512-BF16), the same widening to float32, and ATen's linear.
+HALF_PATHS = {"fused": {"cpu_fused_linear_16bit": True},
+              "fused_widening": {"cpu_fused_linear_16bit": True, "cpu_avx512_bf16": False},
+              "unfused": {"cpu_fused_linear_16bit": False}}
+# d_in around the tiles' steps along k (16 widening, 32 with vdpbf16ps)
+HALF_SIZES = [(1, 1), (17, 13), (33, 7), (64, 3), (3, 64), (768, 256), (100, 1500)]
+
+
+def half_cases():
+    for dtype in (torch.float16, torch.bfloat16):
+        for path in HALF_PATHS:
+            if path == "fused_widening" and dtype != torch.bfloat16:
+                continue
+            for rows in (1, 5, 32, 33, 65):
+                for i, (d_in, d_out) in enumerate(HALF_SIZES):
+                    distribution = DISTRIBUTIONS[(rows + i) % len(DISTRIBUTIONS)]
+                    yield pytest.param(dtype, path, rows, d_in, d_out, distribution,
+                                       id=f"{str(dtype)[6:]}-{path}-T{rows}-{d_in}x{d_out}-{distribution}")
+
+
+@pytest.mark.parametrize("dtype,path,rows,d_in,d_out,distribution", list(half_cases()))
+def test_half_dtypes_on_each_path(dtype, path, rows, d_in, d_out, distribution):
+    """Every 16-bit path against the float64 reference, and the path the rule says is the one
+    that ran."""
+    seed = rows * 7 + d_in
+    inputs = make_inputs(rows, d_in, d_out, 5 if distribution != "distinct" else max(1, min(rows, 64)), 16,
+                         dtype, "cpu", distribution, seed=seed, b_layout="rank_major" if seed % 2 else "peft")
+    weight, bias = base_layer(d_in, d_out, seed % 3 != 0, dtype, seed)
+    with kernel_config.configured(**HALF_PATHS[path]), kernel_config.paths_taken() as taken:
+        check(inputs, weight, bias, dtype, f"{path} {dtype} T={rows} {d_in}->{d_out} {distribution}")
+        fuses = kernel_config.linear_lora_fuses(rows, d_in, dtype)
+    assert fuses == (path != "unfused" and HAS_AVX512 and (rows <= 32 or (rows <= 64 and d_in <= 4096)))
+    assert taken.get("cpu_linear_fused" if fuses else "cpu_linear_unfused") == 1, taken
+
+
+def test_half_dtypes_fuse_where_atens_gemm_has_no_faster_unit():
+    """The "auto" rule: bfloat16 fuses with AVX512-BF16 and without AMX, float16 without
+    AVX512-FP16 (CPU flags read from /proc/cpuinfo here, from CPUID in the module)."""
+    with kernel_config.configured(cpu_fused_linear_16bit="auto"):
+        assert kernel_config.linear_lora_fuses(32, 768, torch.bfloat16) == (HAS_AVX512_BF16 and not HAS_AMX_BF16)
+        assert kernel_config.linear_lora_fuses(32, 768, torch.float16) == (HAS_AVX512 and not HAS_AVX512_FP16)
+        assert not kernel_config.linear_lora_fuses(65, 768, torch.bfloat16)
+    with kernel_config.configured(cpu_fused_linear_16bit=True, cpu_fused_linear=False):
+        assert not kernel_config.linear_lora_fuses(32, 768, torch.bfloat16)
+    assert not kernel_config.linear_lora_fuses(32, 768, torch.float64)
 
 
 @pytest.mark.parametrize("max_rank", [1, 5, 64, 128])

@@ -41,6 +41,25 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+// __builtin_cpu_supports takes only a literal, hence a macro.
+#ifdef LORA_EXT_HAVE_AVX512
+#define LORA_EXT_CPU_SUPPORTS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature) != 0)
+#else
+#define LORA_EXT_CPU_SUPPORTS(feature) false
+#endif
+
+bool cpu_has_amx_bf16() {
+  static const bool has = LORA_EXT_CPU_SUPPORTS("amx-bf16");
+  return has;
+}
+
+bool cpu_has_avx512_fp16() {
+  static const bool has = LORA_EXT_CPU_SUPPORTS("avx512fp16");
+  return has;
+}
+
+#undef LORA_EXT_CPU_SUPPORTS
+
 }  // namespace cpu
 }  // namespace lora_ext
 

@@ -69,6 +69,10 @@ ItemKernels portable_item_kernels(c10::ScalarType dtype);
 bool avx512_item_kernels(c10::ScalarType dtype, const ItemArgs& example, ItemKernels* kernels);
 bool cpu_has_avx512();
 bool cpu_has_avx512_bf16();
+// What the library's GEMM may use instead (linear_lora's fusion rule asks): AMX for bfloat16,
+// AVX512-FP16 for float16.
+bool cpu_has_amx_bf16();
+bool cpu_has_avx512_fp16();
 
 }  // namespace cpu
 }  // namespace lora_ext

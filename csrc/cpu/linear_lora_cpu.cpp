@@ -1,8 +1,8 @@
 // linear_lora on CPU: a patched nn.Linear's base GEMM and its rows' LoRA deltas.
 //
-// Float32 decode batches run fused: one parallel region in which each thread computes its
-// columns of x W^T + bias with lora_ext's own GEMM (base_gemm.h), then, after a barrier, the
-// deltas of its share of the items. Everything else runs ATen's linear, then the deltas as
+// Decode batches run fused (float32 always; bfloat16 and float16 where the rule below says): one
+// parallel region in which each thread computes its columns of x W^T + bias with lora_ext's own
+// GEMM (base_gemm.h), then, after a barrier, the deltas of its share of the items. Everything else runs ATen's linear, then the deltas as
 // add_lora_ would.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,10 +24,25 @@ namespace cpu {
 
 // The fusion rule. Batches of up to 32 rows, and up to 64 rows when d_in <= 4096: there lora_ext's
 // GEMM measured faster than ATen's; beyond, ATen's GEMM then the deltas is the better plan
-// (benchmarks/NOTES.md). Float32 only, and only with the AVX-512 kernels.
+// (benchmarks/NOTES.md). Only with the AVX-512 kernels. float32 always; bfloat16 and float16 by
+// the cpu_fused_linear_16bit setting: "auto" fuses them where ATen's GEMM has no faster unit for
+// them than lora_ext's (bfloat16: no AMX; float16: no AVX512-FP16), "on" always, "off" never.
+bool fuses_dtype(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return true;
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  switch (setting(Setting::kCpuFusedLinear16Bit)) {
+    case kFused16BitOn:
+      return true;
+    case kFused16BitOff:
+      return false;
+    default:
+      return dtype == at::kBFloat16 ? cpu_has_avx512_bf16() && !cpu_has_amx_bf16() : !cpu_has_avx512_fp16();
+  }
+}
+
 bool linear_lora_fuses(int64_t rows, int64_t d_in, at::ScalarType dtype) {
   const bool shape = rows <= 32 || (rows <= 64 && d_in <= 4096);
-  return shape && dtype == at::kFloat && setting(Setting::kCpuFusedLinear) != 0 && cpu_has_avx512() &&
+  return shape && fuses_dtype(dtype) && setting(Setting::kCpuFusedLinear) != 0 && cpu_has_avx512() &&
          !portable_forced();
 }
 
@@ -105,9 +120,9 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     return out;
   }
   out = at::empty({sizes.rows, sizes.d_out}, x.options());
-  const BaseGemmArgs gemm{x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), weight.stride(0),
-                          bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), out.stride(0),
-                          sizes.rows, sizes.d_out, sizes.d_in};
+  const BaseGemmArgs gemm{x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
+                          bias ? bias->data_ptr() : nullptr, out.data_ptr(), out.stride(0),
+                          sizes.rows, sizes.d_out, sizes.d_in, x.scalar_type()};
   count_path(KernelPath::kCpuLinearFused);
   if (!work.items.empty()) count_path(kernels.path);
   run_fused_linear(gemm, call, order, work.items, kernels);

@@ -15,7 +15,10 @@ Method: for each cell the unpatched model and the patched one run the same input
 (alternating which runs first); the overhead is the median of the pairs' differences.
 
 Floor of a cell: the larger of (the adapter bytes it must read / the measured memory bandwidth)
-and (its LoRA FLOPs / the measured dense GEMM rate in that dtype). Targets (issue 16):
+and (its LoRA FLOPs / the compute rate of its dtype: the faster of the measured dense GEMM rates in
+that dtype and in float32, since 16-bit values can always be widened and multiplied at the float32
+rate; where ATen's float16 GEMM runs at a few GFLOP/s, its own rate would make a floor no kernel
+needs to approach). Targets (issue 16):
     decode   overhead <= 1.5 x floor + 2 us per patched layer
     prefill  overhead <= 0.2 x the base model's forward + LoRA FLOPs / GEMM rate
 """
@@ -146,6 +149,11 @@ def gemm_rate(dtype, device, size=1536):
     return 2 * size ** 3 / median_seconds(lambda: torch.mm(a, b), min_time=0.5, device=device)
 
 
+def compute_rate(rates, dtype):
+    """The FLOP rate a cell's floor assumes (see the module docstring)."""
+    return max(rates[dtype], rates["float32"])
+
+
 # ---- timing ---------------------------------------------------------------------------------------
 
 def cell_inputs(cell, vocab, device, names):
@@ -187,7 +195,7 @@ def measure_cell(cell, models, args, floors):
     base_s, lora_s, overhead = (statistics.median(t) for t in (base_samples, lora_samples, diffs))
     bandwidth, rates, layers = floors["bandwidth"], floors["gemm_rate"], floors["layers"]
     adapter_bytes, flops = cell_work(cell, floors["shapes"])
-    bytes_s, flops_s = adapter_bytes / bandwidth, flops / rates[cell.dtype]
+    bytes_s, flops_s = adapter_bytes / bandwidth, flops / compute_rate(rates, cell.dtype)
     floor = max(bytes_s, flops_s)
     if cell.phase == "decode":
         target = DECODE_FLOOR_FACTOR * floor + US_PER_LAYER * layers
@@ -287,7 +295,8 @@ def run(args):
         del template
         bandwidth = measure_bandwidth(args.device)
         dtypes = list(dict.fromkeys(c.dtype for c in cells))
-        floors = dict(bandwidth=bandwidth, gemm_rate={d: gemm_rate(getattr(torch, d), args.device) for d in dtypes})
+        floors = dict(bandwidth=bandwidth, gemm_rate={d: gemm_rate(getattr(torch, d), args.device)
+                                                            for d in dict.fromkeys(dtypes + ["float32"])})
         print(f"lora-ext bench --matrix: {len(cells)} cells, {torch.get_num_threads()} threads, "
               f"bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
         for dtype in dtypes:
