@@ -27,6 +27,7 @@ const std::vector<SettingSpec>& specs() {
       {"cpu_fused_linear", {"off", "on"}, 1, 0},
       {"cpu_avx512_bf16", {"off", "on"}, 1, 0},
       {"cpu_fused_linear_16bit", {"auto", "on", "off"}, kFused16BitAuto, 0},
+      {"cpu_fused_linear_max_rows", {}, 0, 0},
       {"cuda_kernel", {"auto", "simt", "mma"}, kCudaAuto, 0},
   };
   return table;

@@ -20,6 +20,7 @@ enum class Setting : int {
   kCpuFusedLinear,   // "on"/"off": linear_lora's fused CPU path (lora_ext's GEMM + items)
   kCpuAvx512Bf16,    // "on"/"off": bfloat16 shrink with AVX512-BF16 dot products where present
   kCpuFusedLinear16Bit,  // "auto"/"on"/"off": whether bfloat16 and float16 take the fused path too
+  kCpuFusedLinearMaxRows,  // the fused path's row limit (over 32 only when d_in <= 4096); 0: by dtype and CPU
   kCudaKernel,       // "auto", "simt" (CUDA cores) or "mma" (tensor cores, float16/bfloat16)
   kCount,
 };

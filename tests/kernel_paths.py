@@ -5,19 +5,26 @@ ITEM_PATHS = ("cpu_items_avx512", "cpu_items_avx512_bf16", "cpu_items_portable")
 LORA_PATHS = ITEM_PATHS + ("cpu_gemm_segments",)
 
 
-def _cpu_flags():
+def _cpuinfo_field(name):
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == name), "")
     except OSError:
-        return set()
+        return ""
 
 
-CPU_FLAGS = _cpu_flags()
+CPU_FLAGS = set(_cpuinfo_field("flags").split())
+IS_INTEL = _cpuinfo_field("vendor_id") == "GenuineIntel"
 HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= CPU_FLAGS
 HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in CPU_FLAGS
 HAS_AMX_BF16 = "amx_bf16" in CPU_FLAGS
 HAS_AVX512_FP16 = "avx512_fp16" in CPU_FLAGS
+
+
+def fused_row_limit(dtype_name):
+    """linear_lora's fused row limit for d_in <= 4096 by default: 128 where ATen's GEMM runs a slow
+    path (float32 off Intel CPUs, where MKL does not take its fast kernels; float16), else 64."""
+    return 128 if dtype_name == "float16" or (dtype_name == "float32" and not IS_INTEL) else 64
 
 # CPU kernel configurations: the AVX-512 item kernel (default where the CPU has it; its bfloat16
 # shrink uses AVX512-BF16 dot products where present), the same without those dot products, the

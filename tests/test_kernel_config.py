@@ -10,7 +10,7 @@ import torch
 
 import lora_ext
 from helpers import make_inputs
-from kernel_paths import HAS_AVX512, HAS_AVX512_BF16
+from kernel_paths import HAS_AVX512, HAS_AVX512_BF16, fused_row_limit
 from lora_ext import kernel_config
 
 needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="the CPU has no AVX-512")
@@ -25,7 +25,8 @@ def delta_paths(inputs, **settings):
 def test_settings_round_trip_and_restore():
     before = kernel_config.settings()
     assert set(before) == {"cpu_isa", "cpu_gemm_min_rows", "cpu_backward_gemm_min_rows", "cpu_fused_linear",
-                           "cpu_avx512_bf16", "cpu_fused_linear_16bit", "cuda_kernel"}
+                           "cpu_avx512_bf16", "cpu_fused_linear_16bit", "cpu_fused_linear_max_rows",
+                           "cuda_kernel"}
     with kernel_config.configured(cpu_isa="portable", cpu_gemm_min_rows=7, cpu_fused_linear=False):
         now = kernel_config.settings()
         assert (now["cpu_isa"], now["cpu_gemm_min_rows"], now["cpu_fused_linear"]) == ("portable", 7, False)
@@ -125,7 +126,7 @@ def test_rows_without_adapters_run_no_lora_path():
 
 
 @pytest.mark.parametrize("d_in", [64, 4096, 4097])
-@pytest.mark.parametrize("rows", [1, 32, 33, 64, 65])
+@pytest.mark.parametrize("rows", [1, 32, 33, 64, 65, 128, 129])
 def test_linear_lora_fuses_exactly_where_the_rule_says(rows, d_in):
     inputs = make_inputs(rows, d_in, 48, 4, 8, torch.float32, "cpu", "unsorted")
     weight = torch.randn(48, d_in)
@@ -133,12 +134,21 @@ def test_linear_lora_fuses_exactly_where_the_rule_says(rows, d_in):
     with kernel_config.paths_taken() as taken:
         lora_ext.linear_lora(inputs["x"], weight, None, **args)
     fuses = kernel_config.linear_lora_fuses(rows, d_in, torch.float32)
-    assert fuses == (HAS_AVX512 and (rows <= 32 or (rows <= 64 and d_in <= 4096)))
+    assert fuses == (HAS_AVX512 and (rows <= 32 or (rows <= fused_row_limit("float32") and d_in <= 4096)))
     assert taken.get("cpu_linear_fused" if fuses else "cpu_linear_unfused") == 1, taken
     with kernel_config.configured(cpu_fused_linear=False):
         assert not kernel_config.linear_lora_fuses(rows, d_in, torch.float32)
     with kernel_config.configured(cpu_fused_linear_16bit=False):
         assert not kernel_config.linear_lora_fuses(rows, d_in, torch.bfloat16)
+
+
+@pytest.mark.parametrize("max_rows", [1, 16, 48, 128])
+@pytest.mark.parametrize("d_in", [64, 4097])
+def test_fused_row_limit_follows_its_setting(max_rows, d_in):
+    with kernel_config.configured(cpu_fused_linear_max_rows=max_rows):
+        for rows in (1, 16, 17, 32, 33, 48, 49, 128, 129):
+            expected = HAS_AVX512 and (rows <= min(32, max_rows) or (rows <= max_rows and d_in <= 4096))
+            assert kernel_config.linear_lora_fuses(rows, d_in, torch.float32) == expected, rows
 
 
 def test_plan_layout_describes_the_plan():

@@ -7,13 +7,13 @@ import torch
 import lora_ext
 import lora_ext.reference
 from lora_ext import kernel_config
-from kernel_paths import HAS_AMX_BF16, HAS_AVX512, HAS_AVX512_BF16, HAS_AVX512_FP16
+from kernel_paths import HAS_AMX_BF16, HAS_AVX512, HAS_AVX512_BF16, HAS_AVX512_FP16, fused_row_limit
 from helpers import DISTRIBUTIONS, assert_rows_match, magnitude64, make_inputs, pytorch_linear_lora, reference64
 
 FUSED = {"fused": {}, "unfused": {"cpu_fused_linear": False}}
-# Rows around the fused path's limits (32 rows; 64 when d_in <= 4096) and sizes around its tiles
+# Rows around the fused path's limits (32 rows; 64 or 128 when d_in <= 4096) and sizes around its tiles
 # (4 rows x 6 columns x 16 along d_in), with d_in above 4096 once.
-ROWS = [0, 1, 5, 32, 33, 64, 65, 200]
+ROWS = [0, 1, 5, 32, 33, 64, 65, 128, 129]
 SIZES = [(1, 1), (3, 64), (64, 3), (17, 13), (768, 256), (4097, 64), (64, 4097)]
 
 
@@ -88,7 +88,7 @@ def half_cases():
         for path in HALF_PATHS:
             if path == "fused_widening" and dtype != torch.bfloat16:
                 continue
-            for rows in (1, 5, 32, 33, 65):
+            for rows in (1, 5, 32, 33, 65, 129):
                 for i, (d_in, d_out) in enumerate(HALF_SIZES):
                     distribution = DISTRIBUTIONS[(rows + i) % len(DISTRIBUTIONS)]
                     yield pytest.param(dtype, path, rows, d_in, d_out, distribution,
@@ -106,8 +106,12 @@ def test_half_dtypes_on_each_path(dtype, path, rows, d_in, d_out, distribution):
     with kernel_config.configured(**HALF_PATHS[path]), kernel_config.paths_taken() as taken:
         check(inputs, weight, bias, dtype, f"{path} {dtype} T={rows} {d_in}->{d_out} {distribution}")
         fuses = kernel_config.linear_lora_fuses(rows, d_in, dtype)
-    assert fuses == (path != "unfused" and HAS_AVX512 and (rows <= 32 or (rows <= 64 and d_in <= 4096)))
-    assert taken.get("cpu_linear_fused" if fuses else "cpu_linear_unfused") == 1, taken
+    limit = fused_row_limit(str(dtype)[6:])
+    assert fuses == (path != "unfused" and HAS_AVX512 and (rows <= 32 or (rows <= limit and d_in <= 4096)))
+    # a slot with cpu_gemm_min_rows (64) rows or more runs as ATen GEMMs, which the fused call does not take
+    ids = inputs["slot_ids"]
+    gemm_slot = bool((ids >= 0).any()) and int(torch.bincount(ids[ids >= 0]).max()) >= 64
+    assert taken.get("cpu_linear_fused" if fuses and not gemm_slot else "cpu_linear_unfused") == 1, taken
 
 
 def test_half_dtypes_fuse_where_atens_gemm_has_no_faster_unit():

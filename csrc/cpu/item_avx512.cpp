@@ -60,6 +60,15 @@ bool cpu_has_avx512_fp16() {
 
 #undef LORA_EXT_CPU_SUPPORTS
 
+bool cpu_is_intel() {
+#ifdef LORA_EXT_HAVE_AVX512
+  static const bool is = (__builtin_cpu_init(), __builtin_cpu_is("intel") != 0);
+  return is;
+#else
+  return false;
+#endif
+}
+
 }  // namespace cpu
 }  // namespace lora_ext
 

@@ -10,6 +10,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/base_gemm.h"
@@ -22,11 +23,15 @@
 namespace lora_ext {
 namespace cpu {
 
-// The fusion rule. Batches of up to 32 rows, and up to 64 rows when d_in <= 4096: there lora_ext's
-// GEMM measured faster than ATen's; beyond, ATen's GEMM then the deltas is the better plan
-// (benchmarks/NOTES.md). Only with the AVX-512 kernels. float32 always; bfloat16 and float16 by
-// the cpu_fused_linear_16bit setting: "auto" fuses them where ATen's GEMM has no faster unit for
-// them than lora_ext's (bfloat16: no AMX; float16: no AVX512-FP16), "on" always, "off" never.
+// The fusion rule: which dtypes, and how many rows. lora_ext's GEMM measured faster than ATen's for
+// batches of up to 32 rows, and, when d_in <= 4096, up to 64 rows, or 128 where ATen's GEMM for the
+// dtype runs a slow path: float32 on CPUs other than Intel's (MKL), float16 (taken only without
+// AVX512-FP16). Beyond, ATen's GEMM then the deltas is the better plan (benchmarks/NOTES.md).
+// The cpu_fused_linear_max_rows setting replaces that limit when it is not 0.
+//
+// Dtypes: float32 always; bfloat16 and float16 by the cpu_fused_linear_16bit setting: "auto" fuses
+// them where ATen's GEMM has no faster unit for them than lora_ext's (bfloat16: no AMX; float16:
+// no AVX512-FP16), "on" always, "off" never. Only with the AVX-512 kernels.
 bool fuses_dtype(at::ScalarType dtype) {
   if (dtype == at::kFloat) return true;
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
@@ -40,8 +45,16 @@ bool fuses_dtype(at::ScalarType dtype) {
   }
 }
 
+int64_t fused_row_limit(at::ScalarType dtype) {
+  const int64_t set = setting(Setting::kCpuFusedLinearMaxRows);
+  if (set > 0) return set;
+  const bool slow_library_gemm = dtype == at::kHalf || (dtype == at::kFloat && !cpu_is_intel());
+  return slow_library_gemm ? 128 : 64;
+}
+
 bool linear_lora_fuses(int64_t rows, int64_t d_in, at::ScalarType dtype) {
-  const bool shape = rows <= 32 || (rows <= 64 && d_in <= 4096);
+  const int64_t max_rows = fused_row_limit(dtype);
+  const bool shape = rows <= std::min<int64_t>(32, max_rows) || (rows <= max_rows && d_in <= 4096);
   return shape && fuses_dtype(dtype) && setting(Setting::kCpuFusedLinear) != 0 && cpu_has_avx512() &&
          !portable_forced();
 }
