@@ -42,21 +42,8 @@ def _lora_delta_backward(ctx, grad):
 
 
 # ---- linear_lora ----------------------------------------------------------------------------------
-
-def _linear_lora_setup(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan = inputs
-    _save(ctx, (x, weight, lora_a, lora_b, slot_ids, scales, ranks, plan))
-
-
-def _linear_lora_backward(ctx, grad):
-    x, weight, lora_a, lora_b, slot_ids, scales, ranks, plan = ctx.saved_tensors
-    need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    dx, da, db = lora_backward(grad, x, lora_a, lora_b, slot_ids, scales, ranks, plan, (need_x, need_a, need_b))
-    if need_x:
-        dx = dx.addmm_(grad, weight)  # the base layer's dy @ W added to the LoRA part (dx is fresh)
-    dweight = grad.t() @ x if need_weight else None
-    dbias = grad.sum(0) if need_bias else None
-    return (dx, dweight, dbias, da, db) + _NO_GRAD
+# Its Autograd kernel is C++ (csrc/linear_lora_autograd.cpp), with the same formulas: the serving
+# hot path, called from compiled graphs through the Autograd key, must not run Python there.
 
 
 # ---- add_lora_ ------------------------------------------------------------------------------------
@@ -93,7 +80,6 @@ def register():
     if _library is not None:
         return
     torch.library.register_autograd("lora_ext::lora_delta", _lora_delta_backward, setup_context=_lora_delta_setup)
-    torch.library.register_autograd("lora_ext::linear_lora", _linear_lora_backward, setup_context=_linear_lora_setup)
     _library = torch.library.Library("lora_ext", "IMPL")
     _library.impl("add_lora_", _add_lora_autograd, "Autograd", with_keyset=True)
 

@@ -34,9 +34,9 @@ _DIRECT_DEVICES = ("cpu", "cuda")
 
 def _takes_direct_call(x):
     """Whether to call the op's device kernel directly (lora_ext._C's entry points,
-    csrc/direct_calls.cpp). When no gradient is wanted, going through torch.ops only runs the
-    Python autograd kernel (op_autograd.py) and boxes the arguments, for nothing: paid by every
-    patched layer of every serving step. Taken only for plain CPU or CUDA tensors with no
+    csrc/direct_calls.cpp). When no gradient is wanted, going through torch.ops only parses and
+    boxes the arguments (and for lora_delta and add_lora_ runs their Python autograd kernels,
+    op_autograd.py), for nothing: paid by every patched layer of every serving step. Taken only for plain CPU or CUDA tensors with no
     dispatch mode active, and never while torch.compile traces."""
     return not (torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.compiler.is_compiling()
                 or torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.Python)) \

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lora_ext
+import lora_ext.reference
 from grad_helpers import Leaves, check_grads, op_grads, upstream_grad, zero_weight_rows
 from helpers import DISTRIBUTIONS, make_inputs
 from kernel_paths import CPU_CONFIGS, HAS_AVX512
@@ -251,6 +252,31 @@ def test_float32_kernels_against_finite_differences():
         numeric = (loss(step) - loss(-step)) / (2 * step)
         analytic = (grads[i].double() * direction.double()).sum()
         assert abs(float(numeric - analytic)) <= 1e-2 * abs(float(analytic)) + 1e-4, (i, numeric, analytic)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("wanted", [("x",), ("lora_a",), ("lora_b",), ("weight",), ("bias",), ("lora_a", "weight"),
+                                    ("x", "lora_b", "bias")])
+def test_linear_lora_gives_each_asked_gradient(with_bias, wanted):
+    """Any subset of linear_lora's inputs asking for a gradient, with and without a bias (its
+    Autograd kernel counts only the tensors given), against autograd through the reference."""
+    if "bias" in wanted and not with_bias:
+        pytest.skip("no bias to differentiate")
+    inputs = make_inputs(20, 24, 36, 4, 8, torch.float32, "cpu", "with_none", seed=len(wanted))
+    weight, bias = base_layer(24, 36, torch.float32, seed=3)
+    tensors = dict(x=inputs["x"], weight=weight, bias=bias if with_bias else None,
+                   lora_a=torch.nan_to_num(inputs["lora_a"]), lora_b=torch.nan_to_num(inputs["lora_b"]))
+    rest = (inputs["slot_ids"], inputs["scales"], inputs["ranks"])
+    g = upstream_grad((20, 36), torch.float32, "cpu")
+
+    def grads(fn):
+        leaves = {k: (v.detach().clone().requires_grad_(k in wanted) if v is not None else None)
+                  for k, v in tensors.items()}
+        out = fn(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"], *rest)
+        return torch.autograd.grad(out, [leaves[k] for k in wanted], g)
+
+    for got, expected, name in zip(grads(lora_ext.linear_lora), grads(lora_ext.reference.linear_lora_ref), wanted):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("b_layout", ["peft", "rank_major"])  # rank-major: dB keeps lora_b's strides
