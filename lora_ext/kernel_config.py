@@ -14,8 +14,8 @@ csrc/kernel_config.cpp):
                                  ATen's GEMM has no faster unit for them (bfloat16: no AMX; float16:
                                  no AVX512-FP16), True always, False never
     cpu_fused_linear_max_rows [0]  the fused path takes batches of up to this many rows (more than
-                                 32 only where d_in <= 4096); 0: 64, or 128 where ATen's GEMM runs
-                                 a slow path (float32 on non-Intel CPUs, float16)
+                                 32 only where d_in <= 4096); 0: 64 for float32 on Intel CPUs,
+                                 128 otherwise
     cuda_kernel        ["auto"]  "simt" (CUDA cores) or "mma" (tensor cores) forces a CUDA path
 
 Each is read once from the environment variable LORA_EXT_<NAME> (for example

@@ -120,7 +120,7 @@ def test_half_dtypes_fuse_where_atens_gemm_has_no_faster_unit():
     with kernel_config.configured(cpu_fused_linear_16bit="auto"):
         assert kernel_config.linear_lora_fuses(32, 768, torch.bfloat16) == (HAS_AVX512_BF16 and not HAS_AMX_BF16)
         assert kernel_config.linear_lora_fuses(32, 768, torch.float16) == (HAS_AVX512 and not HAS_AVX512_FP16)
-        assert not kernel_config.linear_lora_fuses(65, 768, torch.bfloat16)
+        assert not kernel_config.linear_lora_fuses(129, 768, torch.bfloat16)
     with kernel_config.configured(cpu_fused_linear_16bit=True, cpu_fused_linear=False):
         assert not kernel_config.linear_lora_fuses(32, 768, torch.bfloat16)
     assert not kernel_config.linear_lora_fuses(32, 768, torch.float64)

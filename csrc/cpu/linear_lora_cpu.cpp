@@ -23,11 +23,11 @@
 namespace lora_ext {
 namespace cpu {
 
-// The fusion rule: which dtypes, and how many rows. lora_ext's GEMM measured faster than ATen's for
-// batches of up to 32 rows, and, when d_in <= 4096, up to 64 rows, or 128 where ATen's GEMM for the
-// dtype runs a slow path: float32 on CPUs other than Intel's (MKL), float16 (taken only without
-// AVX512-FP16). Beyond, ATen's GEMM then the deltas is the better plan (benchmarks/NOTES.md).
-// The cpu_fused_linear_max_rows setting replaces that limit when it is not 0.
+// The fusion rule: which dtypes, and how many rows. Fused measured faster than ATen's GEMM then the
+// deltas for batches of up to 32 rows, and, when d_in <= 4096, up to 64 rows for float32 on Intel
+// CPUs (MKL's fast kernels) and up to 128 rows elsewhere: float32 on other CPUs, and the 16-bit
+// dtypes wherever they fuse at all (benchmarks/NOTES.md). The cpu_fused_linear_max_rows setting
+// replaces that limit when it is not 0.
 //
 // Dtypes: float32 always; bfloat16 and float16 by the cpu_fused_linear_16bit setting: "auto" fuses
 // them where ATen's GEMM has no faster unit for them than lora_ext's (bfloat16: no AMX; float16:
@@ -48,8 +48,7 @@ bool fuses_dtype(at::ScalarType dtype) {
 int64_t fused_row_limit(at::ScalarType dtype) {
   const int64_t set = setting(Setting::kCpuFusedLinearMaxRows);
   if (set > 0) return set;
-  const bool slow_library_gemm = dtype == at::kHalf || (dtype == at::kFloat && !cpu_is_intel());
-  return slow_library_gemm ? 128 : 64;
+  return dtype == at::kFloat && cpu_is_intel() ? 64 : 128;
 }
 
 bool linear_lora_fuses(int64_t rows, int64_t d_in, at::ScalarType dtype) {
