@@ -16,22 +16,12 @@
 #include <string>
 
 #include "direct_calls.h"
+#include "op_signatures.h"
 
 namespace lora_ext {
 namespace {
 
-using OptTensor = c10::optional<at::Tensor>;
-using T = const at::Tensor&;
-using O = const OptTensor&;
-// The ops' C++ signatures, as registered (csrc/lora_ops.cpp).
-using LinearLoraFn = at::Tensor(T x, T weight, O bias, T lora_a, T lora_b, T slot_ids, O scales, O ranks, O plan);
-using AddLoraFn = void(at::Tensor& out, T x, T lora_a, T lora_b, T slot_ids, O scales, O ranks, O plan);
-using LoraDeltaFn = at::Tensor(T x, T lora_a, T lora_b, T slot_ids, O scales, O ranks, O plan);
-
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
+using namespace op_signatures;
 
 // Argument i as a tensor, or (`optional`) None as an empty optional.
 OptTensor tensor_or_none(const char* op, PyObject* const* args, int i, bool optional) {

@@ -9,25 +9,19 @@
 //   dx = lora_backward's dx + dy W,   dW = dy^T x,   dbias = sum of dy over rows,
 //   dA, dB from lora_backward; slot_ids, scales, ranks and plan get no gradient.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <array>
+#include "op_signatures.h"
 
 namespace lora_ext {
 namespace {
 
-using OptTensor = c10::optional<at::Tensor>;
-using T = const at::Tensor&;
-using O = const OptTensor&;
-using LinearLoraFn = at::Tensor(T, T, O, T, T, T, O, O, O);
-using LoraBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(T, T, T, T, T, O, O, O, std::array<bool, 3>);
+using namespace op_signatures;
 
 at::Tensor linear_lora_below_autograd(T x, T weight, O bias, T lora_a, T lora_b, T slot_ids, O scales, O ranks,
                                       O plan) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("lora_ext::linear_lora", "").typed<LinearLoraFn>();
+  static const auto op = find_op<LinearLoraFn>("lora_ext::linear_lora");
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(x, weight, bias, lora_a, lora_b, slot_ids, scales, ranks, plan);
 }
@@ -46,8 +40,7 @@ class LinearLora : public torch::autograd::Function<LinearLora> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static const auto lora_backward =
-        c10::Dispatcher::singleton().findSchemaOrThrow("lora_ext::lora_backward", "").typed<LoraBackwardFn>();
+    static const auto lora_backward = find_op<LoraBackwardFn>("lora_ext::lora_backward");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &lora_a = saved[2], &lora_b = saved[3], &slot_ids = saved[4];
     const at::Tensor& grad = grads[0];

@@ -19,34 +19,22 @@ namespace lora_ext {
 namespace cpu {
 
 // The CPU checks run outside the AVX-512 region below: they must run on any x86-64 CPU.
-bool cpu_has_avx512() {
-#ifdef LORA_EXT_HAVE_AVX512
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512_bf16() {
-#ifndef LORA_EXT_HAVE_AVX512
-  return false;
-#else
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return has;
-#endif
-}
-
 // __builtin_cpu_supports takes only a literal, hence a macro.
 #ifdef LORA_EXT_HAVE_AVX512
 #define LORA_EXT_CPU_SUPPORTS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature) != 0)
 #else
 #define LORA_EXT_CPU_SUPPORTS(feature) false
 #endif
+
+bool cpu_has_avx512() {
+  return LORA_EXT_CPU_SUPPORTS("avx512f") && LORA_EXT_CPU_SUPPORTS("avx512bw") && LORA_EXT_CPU_SUPPORTS("avx512vl") &&
+         LORA_EXT_CPU_SUPPORTS("avx512dq");
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = LORA_EXT_CPU_SUPPORTS("avx512bf16");
+  return has;
+}
 
 bool cpu_has_amx_bf16() {
   static const bool has = LORA_EXT_CPU_SUPPORTS("amx-bf16");
