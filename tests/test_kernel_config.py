@@ -39,6 +39,8 @@ def test_settings_round_trip_and_restore():
     (dict(cuda_kernel="fast"), r"must be one of 'auto', 'simt', 'mma'"),
     (dict(cpu_isa="portable", no_such_thing=1), r"unknown kernel setting 'no_such_thing'; the settings are cpu_isa"),
     (dict(cpu_isa="portable", cpu_gemm_min_rows=-3), r"'cpu_gemm_min_rows' is '-3'"),
+    (dict(cpu_fused_linear_16bit="maybe"), r"'cpu_fused_linear_16bit' is 'maybe' but must be one of 'auto', 'on', 'off'"),
+    (dict(cpu_fused_linear_max_rows=-1), r"'cpu_fused_linear_max_rows' is '-1' but must be an integer >= 0"),
 ])
 def test_bad_settings_refused_and_nothing_changes(changes, message):
     before = kernel_config.settings()
