@@ -28,6 +28,7 @@ const std::vector<SettingSpec>& specs() {
       {"cpu_avx512_bf16", {"off", "on"}, 1, 0},
       {"cpu_fused_linear_16bit", {"auto", "on", "off"}, kFused16BitAuto, 0},
       {"cpu_fused_linear_max_rows", {}, 0, 0},
+      {"cpu_amx", {"off", "on"}, 1, 0},
       {"cuda_kernel", {"auto", "simt", "mma"}, kCudaAuto, 0},
   };
   return table;
@@ -36,7 +37,7 @@ const std::vector<SettingSpec>& specs() {
 constexpr const char* kPathNames[] = {
     "cpu_items_avx512", "cpu_items_avx512_bf16", "cpu_items_portable", "cpu_items_quad",
     "cpu_items_split",  "cpu_gemm_segments",     "cpu_gemm_batched",   "cpu_linear_fused",
-    "cpu_linear_unfused",
+    "cpu_linear_unfused", "cpu_linear_amx",
     "cuda_simt",        "cuda_mma",
 };
 static_assert(sizeof(kPathNames) / sizeof(kPathNames[0]) == static_cast<size_t>(KernelPath::kCount),

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/amx_linear.h"
 #include "cpu/base_gemm.h"
 #include "cpu/linear_lora_cpu.h"
 #include "cpu/item_kernels.h"
@@ -30,8 +31,11 @@ namespace cpu {
 // replaces that limit when it is not 0.
 //
 // Dtypes: float32 always; bfloat16 and float16 by the cpu_fused_linear_16bit setting: "auto" fuses
-// them where ATen's GEMM has no faster unit for them than lora_ext's (bfloat16: no AMX; float16:
-// no AVX512-FP16), "on" always, "off" never. Only with the AVX-512 kernels.
+// them where lora_ext has the unit the library's GEMM would use (bfloat16: the AMX path where the
+// CPU has AMX, else AVX512-BF16; float16: only without AVX512-FP16), "on" always, "off" never.
+// Only with the AVX-512 kernels.
+bool amx_path_on() { return setting(Setting::kCpuAmx) != 0 && amx_bf16_usable(); }
+
 bool fuses_dtype(at::ScalarType dtype) {
   if (dtype == at::kFloat) return true;
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
@@ -41,7 +45,8 @@ bool fuses_dtype(at::ScalarType dtype) {
     case kFused16BitOff:
       return false;
     default:
-      return dtype == at::kBFloat16 ? cpu_has_avx512_bf16() && !cpu_has_amx_bf16() : !cpu_has_avx512_fp16();
+      if (dtype == at::kHalf) return !cpu_has_avx512_fp16();
+      return cpu_has_amx_bf16() ? amx_path_on() : cpu_has_avx512_bf16();
   }
 }
 
@@ -106,6 +111,31 @@ bool fused_linear_fits(const at::Tensor& x, const at::Tensor& weight, const c10:
          kernels.rows_to_float == nullptr;
 }
 
+// Whether this call runs fused on the AMX path: the fusion rule for bfloat16 with that path on, and
+// unit strides along x's, W's, the bias's and A's rows (any rows per slot, any layout of B).
+bool amx_linear_fits(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                     const at::Tensor& lora_a, const LoraSizes& sizes) {
+  const bool strides = x.stride(1) == 1 && weight.stride(1) == 1 && (!bias || bias->stride(0) == 1) &&
+                       lora_a.stride(2) == 1;
+  return x.scalar_type() == at::kBFloat16 && amx_path_on() &&
+         linear_lora_fuses(sizes.rows, sizes.d_in, x.scalar_type()) && strides;
+}
+
+// The AMX path's view of the plan: one segment per slot with rows and a rank above 0.
+AmxLoraArgs amx_lora_args(const LoraCall& call, const int32_t* plan, const PlanLayout& layout) {
+  const at::Tensor &a = call.lora_a, &b = call.lora_b;
+  const int32_t* offsets = plan + layout.offsets();
+  AmxLoraArgs args{plan + layout.order(), {}, call.sizes.max_rank, a.stride(1), b.stride(1), b.stride(2)};
+  for (int64_t slot = 0; slot < call.sizes.slots; ++slot) {
+    const int64_t count = offsets[slot + 1] - offsets[slot], rank = call.rank_of(slot);
+    if (count == 0 || rank == 0) continue;
+    args.segments.push_back(AmxSegment{offsets[slot], count, rank, call.scale_of(slot),
+                                       a.data_ptr<at::BFloat16>() + slot * a.stride(0),
+                                       b.data_ptr<at::BFloat16>() + slot * b.stride(0)});
+  }
+  return args;
+}
+
 at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& slot_ids,
                            const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& ranks,
@@ -120,6 +150,18 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const PlanLayout layout{sizes.rows, sizes.slots};
   const int32_t* order = plan.data_ptr<int32_t>() + layout.order();
   const LoraCall call{x, lora_a, lora_b, out, scales, ranks, sizes, /*accumulate=*/true};
+  const BaseGemmArgs gemm{x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
+                          bias ? bias->data_ptr() : nullptr, nullptr, sizes.d_out,
+                          sizes.rows, sizes.d_out, sizes.d_in, x.scalar_type()};
+  if (amx_linear_fits(x, weight, bias, lora_a, sizes)) {
+    out = at::empty({sizes.rows, sizes.d_out}, x.options());
+    count_path(KernelPath::kCpuLinearFused);
+    count_path(KernelPath::kCpuLinearAmx);
+    BaseGemmArgs into_out = gemm;
+    into_out.out = out.data_ptr();
+    amx_linear_lora(into_out, amx_lora_args(call, plan.data_ptr<int32_t>(), layout));
+    return out;
+  }
   const Work work = collect_work(call, plan.data_ptr<int32_t>() + layout.offsets(), layout);
   const ItemKernels kernels = work.items.empty() ? ItemKernels{} : choose_item_kernels(x.scalar_type(),
                                                                                      item_args(call, order, work.items[0]));
@@ -132,12 +174,11 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     return out;
   }
   out = at::empty({sizes.rows, sizes.d_out}, x.options());
-  const BaseGemmArgs gemm{x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
-                          bias ? bias->data_ptr() : nullptr, out.data_ptr(), out.stride(0),
-                          sizes.rows, sizes.d_out, sizes.d_in, x.scalar_type()};
+  BaseGemmArgs into_out = gemm;
+  into_out.out = out.data_ptr();
   count_path(KernelPath::kCpuLinearFused);
   if (!work.items.empty()) count_path(kernels.path);
-  run_fused_linear(gemm, call, order, work.items, kernels);
+  run_fused_linear(into_out, call, order, work.items, kernels);
   return out;
 }
 
