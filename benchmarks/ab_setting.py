@@ -3,7 +3,7 @@
     python benchmarks/ab_setting.py cpu_fused_linear_16bit on off --dtype bfloat16 --counts 1 8 32 64
 
 The bench's model (lora_ext/bench/matrix_bench.py) with every linear patched and rank-16
-adapters; for each decode cell, every round runs the unpatched model and the patched one under
+adapters; for each decode cell (and prefill cell, with --prefill-counts), every round runs the unpatched model and the patched one under
 value A and under value B (the order reversed every other round), so the two values see the same
 machine state. Prints each value's overhead against the unpatched model and the median of the
 per-round differences A - B with their quartiles: one patched model toggled in place, since two
@@ -33,17 +33,21 @@ def main():
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--counts", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--counts", type=int, nargs="*", default=[1, 8, 32, 64])
+    p.add_argument("--prefill-counts", type=int, nargs="*", default=[],
+                   help="prefill cells too: this many prompts of --prompt-len tokens, one adapter each")
+    p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--rounds", type=int, default=30)
     args = p.parse_args()
     keep_freed_memory()
     cells = matrix_bench.build_cells(types.SimpleNamespace(
-        dtypes=[args.dtype], counts=args.counts, prefill_dtypes=[], prefill_counts=[], compile=False))
+        dtypes=[args.dtype], counts=args.counts, prefill_dtypes=[args.dtype] if args.prefill_counts else [],
+        prefill_counts=args.prefill_counts, prompt_len=args.prompt_len, compile=False))
     settings = {"base": {}, "A": {args.setting: setting_value(args.a)}, "B": {args.setting: setting_value(args.b)}}
     print(f"{args.setting}: A = {args.a}, B = {args.b}; {args.dtype}; {torch.get_num_threads()} threads; "
           f"{args.rounds} rounds; overheads in ms per forward")
     with tempfile.TemporaryDirectory() as workdir, torch.no_grad():
-        names = [f"lora{i}" for i in range(max(args.counts))]
+        names = [f"lora{i}" for i in range(max(args.counts + args.prefill_counts))]
         template = build_default_model(torch.float32, "cpu")
         paths = dict(zip(names, make_adapters(template, workdir, len(names), [matrix_bench.RANK], prefix="lora").values()))
         base, mm = matrix_bench.build_models(types.SimpleNamespace(device="cpu"), args.dtype, paths)

@@ -11,11 +11,14 @@ csrc/kernel_config.cpp):
     cpu_avx512_bf16    [True]    bfloat16 shrink (and fused base GEMM) with AVX512-BF16 dot products
                                  where the CPU has them
     cpu_fused_linear_16bit ["auto"]  whether bfloat16 and float16 take the fused path too: "auto" where
-                                 ATen's GEMM has no faster unit for them (bfloat16: no AMX; float16:
-                                 no AVX512-FP16), True always, False never
+                                 lora_ext has the unit ATen's GEMM would use (bfloat16: the AMX path
+                                 where the CPU has AMX, else AVX512-BF16; float16: no AVX512-FP16),
+                                 True always, False never
     cpu_fused_linear_max_rows [0]  the fused path takes batches of up to this many rows (more than
                                  32 only where d_in <= 4096); 0: 64 for float32 on Intel CPUs,
                                  128 otherwise
+    cpu_amx            [True]    fused bfloat16 runs on the AMX tile unit where the CPU has AMX-BF16 and
+                                 the OS allows it (csrc/cpu/amx_linear.h); False: AVX-512 instead
     cuda_kernel        ["auto"]  "simt" (CUDA cores) or "mma" (tensor cores) forces a CUDA path
 
 Each is read once from the environment variable LORA_EXT_<NAME> (for example

@@ -26,7 +26,7 @@ def test_settings_round_trip_and_restore():
     before = kernel_config.settings()
     assert set(before) == {"cpu_isa", "cpu_gemm_min_rows", "cpu_backward_gemm_min_rows", "cpu_fused_linear",
                            "cpu_avx512_bf16", "cpu_fused_linear_16bit", "cpu_fused_linear_max_rows",
-                           "cuda_kernel"}
+                           "cpu_amx", "cuda_kernel"}
     with kernel_config.configured(cpu_isa="portable", cpu_gemm_min_rows=7, cpu_fused_linear=False):
         now = kernel_config.settings()
         assert (now["cpu_isa"], now["cpu_gemm_min_rows"], now["cpu_fused_linear"]) == ("portable", 7, False)
