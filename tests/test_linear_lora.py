@@ -112,52 +112,56 @@ def test_half_dtypes_on_each_path(dtype, path, rows, d_in, d_out, distribution):
     # not take (the AMX one takes any rows per slot)
     ids = inputs["slot_ids"]
     gemm_slot = bool((ids >= 0).any()) and int(torch.bincount(ids[ids >= 0]).max()) >= 64
-    amx = fuses and dtype == torch.bfloat16 and HAS_AMX_BF16
+    amx = fuses and HAS_AMX_BF16
     assert taken.get("cpu_linear_fused" if fuses and (amx or not gemm_slot) else "cpu_linear_unfused") == 1, taken
     assert taken.get("cpu_linear_amx") == (1 if amx else None), taken
 
 
 def test_half_dtypes_fuse_where_lora_ext_has_the_librarys_unit():
-    """The "auto" rule: bfloat16 fuses on the AMX path where the CPU has AMX, else with AVX512-BF16;
-    float16 only without AVX512-FP16 (CPU flags read from /proc/cpuinfo here, from CPUID in the module)."""
+    """The "auto" rule: both 16-bit dtypes fuse on the AMX path where the CPU has AMX; elsewhere
+    bfloat16 with AVX512-BF16 and float16 without AVX512-FP16 (CPU flags read from /proc/cpuinfo
+    here, from CPUID in the module)."""
     with kernel_config.configured(cpu_fused_linear_16bit="auto"):
         assert kernel_config.linear_lora_fuses(32, 768, torch.bfloat16) == (HAS_AVX512_BF16 or HAS_AMX_BF16)
-        assert kernel_config.linear_lora_fuses(32, 768, torch.float16) == (HAS_AVX512 and not HAS_AVX512_FP16)
+        assert kernel_config.linear_lora_fuses(32, 768, torch.float16) == (
+            HAS_AMX_BF16 or (HAS_AVX512 and not HAS_AVX512_FP16))
         assert not kernel_config.linear_lora_fuses(129, 768, torch.bfloat16)
     with kernel_config.configured(cpu_fused_linear_16bit="auto", cpu_amx=False):
         assert kernel_config.linear_lora_fuses(32, 768, torch.bfloat16) == (HAS_AVX512_BF16 and not HAS_AMX_BF16)
+        assert kernel_config.linear_lora_fuses(32, 768, torch.float16) == (HAS_AVX512 and not HAS_AVX512_FP16)
     with kernel_config.configured(cpu_fused_linear_16bit=True, cpu_fused_linear=False):
         assert not kernel_config.linear_lora_fuses(32, 768, torch.bfloat16)
     assert not kernel_config.linear_lora_fuses(32, 768, torch.float64)
 
 
-# The AMX path (bfloat16 where the CPU has AMX): sizes around its tiles (16 rows, 16 columns, 32 values
-# of k), ranks around its 16-rank shrink tiles, a maximum rank under 16 (A's tiles then come from a
-# padded copy), both layouts of B, every distribution.
+# The AMX path (bfloat16, and float16 as pairs of bfloat16 parts, where the CPU has AMX): sizes around
+# its tiles (16 rows, 16 columns, 32 values of k), ranks around its 16-rank shrink tiles, a maximum
+# rank under 16 (bfloat16 A's tiles then come from a padded copy), both layouts of B, every distribution.
 AMX_SIZES = [(1, 1), (31, 17), (32, 16), (33, 40), (100, 1500), (1024, 48), (4097, 20)]
 
 
 def amx_cases():
-    for rows in (1, 15, 16, 17, 33, 64, 100, 128):
-        for i, (d_in, d_out) in enumerate(AMX_SIZES):
-            if rows > 32 and d_in > 4096:
-                continue
-            distribution = DISTRIBUTIONS[(rows + i) % len(DISTRIBUTIONS)]
-            max_rank = (1, 5, 16, 17, 40)[(rows + 2 * i) % 5]
-            yield pytest.param(rows, d_in, d_out, distribution, max_rank,
-                               id=f"T{rows}-{d_in}x{d_out}-{distribution}-R{max_rank}")
+    for dtype in (torch.bfloat16, torch.float16):
+        for rows in (1, 15, 16, 17, 33, 64, 100, 128):
+            for i, (d_in, d_out) in enumerate(AMX_SIZES):
+                if rows > 32 and d_in > 4096:
+                    continue
+                distribution = DISTRIBUTIONS[(rows + i) % len(DISTRIBUTIONS)]
+                max_rank = (1, 5, 16, 17, 40)[(rows + 2 * i) % 5]
+                yield pytest.param(dtype, rows, d_in, d_out, distribution, max_rank,
+                                   id=f"{str(dtype)[6:]}-T{rows}-{d_in}x{d_out}-{distribution}-R{max_rank}")
 
 
 @pytest.mark.skipif(not HAS_AMX_BF16, reason="the AMX path needs a CPU with AMX-BF16")
-@pytest.mark.parametrize("rows,d_in,d_out,distribution,max_rank", list(amx_cases()))
-def test_amx_path_matches_reference(rows, d_in, d_out, distribution, max_rank):
+@pytest.mark.parametrize("dtype,rows,d_in,d_out,distribution,max_rank", list(amx_cases()))
+def test_amx_path_matches_reference(dtype, rows, d_in, d_out, distribution, max_rank):
     seed = rows * 11 + d_in + max_rank
     slots = 5 if distribution != "distinct" else max(1, min(rows, 64))
-    inputs = make_inputs(rows, d_in, d_out, slots, max_rank, torch.bfloat16, "cpu", distribution, seed=seed,
+    inputs = make_inputs(rows, d_in, d_out, slots, max_rank, dtype, "cpu", distribution, seed=seed,
                          b_layout="rank_major" if seed % 2 else "peft")
-    weight, bias = base_layer(d_in, d_out, seed % 3 != 0, torch.bfloat16, seed)
+    weight, bias = base_layer(d_in, d_out, seed % 3 != 0, dtype, seed)
     with kernel_config.configured(cpu_fused_linear_16bit="auto"), kernel_config.paths_taken() as taken:
-        check(inputs, weight, bias, torch.bfloat16, f"AMX T={rows} {d_in}->{d_out} {distribution} R={max_rank}")
+        check(inputs, weight, bias, dtype, f"AMX {dtype} T={rows} {d_in}->{d_out} {distribution} R={max_rank}")
     assert taken.get("cpu_linear_amx") == 1, taken
 
 

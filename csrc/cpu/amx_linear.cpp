@@ -19,6 +19,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu/avx512_isa.h"
 #include "cpu/item_kernels.h"
@@ -124,52 +125,111 @@ inline void load_transposed(const float (&tile)[kTile][kTile], __m512i (&r)[16])
   transpose_16x16(r);
 }
 
+// float16 has no tile product on this unit, but each float16 value is exactly the sum of two
+// bfloat16 values (11 significant bits = 8 + the 3 the first leaves): hi = v truncated to bfloat16,
+// lo = v - hi. x.W is then hi.hi + hi.lo + lo.hi with float32 sums (the dropped lo.lo is under
+// 2^-14 of each product, 8x below float16's rounding, and float32 sums follow).
+// 32 float16 values -> their bfloat16 high and low parts, in the same order.
+inline void split_halves(__m512i halves, __m512i& hi, __m512i& lo) {
+  const __m512 f0 = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
+  const __m512 f1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i h0 = _mm512_and_si512(_mm512_castps_si512(f0), top);
+  const __m512i h1 = _mm512_and_si512(_mm512_castps_si512(f1), top);
+  const __m512i l0 = _mm512_castps_si512(_mm512_sub_ps(f0, _mm512_castsi512_ps(h0)));
+  const __m512i l1 = _mm512_castps_si512(_mm512_sub_ps(f1, _mm512_castsi512_ps(h1)));
+  // the upper 16 bits of each 32-bit lane, f0's 16 lanes then f1's
+  const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                             27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  hi = _mm512_permutex2var_epi16(h0, odd_words, h1);
+  lo = _mm512_permutex2var_epi16(l0, odd_words, l1);
+}
+
+inline __mmask32 first_of_32(int64_t n) {
+  return n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << std::max<int64_t>(n, 0)) - 1);
+}
+
+// bfloat16 operands are used as they are; float16 ones as their two parts.
+template <typename T>
+constexpr bool kSplit = std::is_same_v<T, c10::Half>;
+
 // What every step reads: the shapes, the packed rows and h.
 struct Shared {
   const BaseGemmArgs& g;
   const AmxLoraArgs& lora;
   int64_t steps;        // tile products along k: ceil(k / 32)
   int64_t blocks;       // blocks of 16 rows: ceil(m / 16)
-  bf16* pairs;          // blocks x steps x (16 pairs of k x 16 rows x 2)
+  bf16* pairs;          // blocks x steps x (16 pairs of k x 16 rows x 2); float16: the high parts
+  bf16* pairs_lo;       // float16: the low parts, laid out the same; else unused
   float* h;             // (m, h_stride): row m' of the plan's order, scale included
   int64_t h_stride;
   std::vector<int64_t> first_segment;  // per block: the first segment that ends past its start
 
-  const bf16* packed(int64_t block, int64_t step) const { return pairs + (block * steps + step) * kTile * kStepK; }
+  int64_t offset(int64_t block, int64_t step) const { return (block * steps + step) * kTile * kStepK; }
+  const bf16* packed(int64_t block, int64_t step) const { return pairs + offset(block, step); }
+  const bf16* packed_lo(int64_t block, int64_t step) const { return pairs_lo + offset(block, step); }
   int64_t rows_in(int64_t block) const { return std::min<int64_t>(kTile, g.m - block * kTile); }
 };
 
 // Step 1 for (block, step): 16 rows x 32 values of k, transposed as 32-bit pairs.
+template <typename T>
 void pack_block(const Shared& s, int64_t block, int64_t step) {
   const BaseGemmArgs& g = s.g;
-  const int64_t k0 = step * kStepK, left = g.k - k0;
-  const __mmask32 mask = left >= kStepK ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << left) - 1);
-  __m512i r[16];
+  const int64_t k0 = step * kStepK;
+  const __mmask32 mask = first_of_32(g.k - k0);
+  __m512i r[16], lo[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) {
     const int64_t m = block * kTile + i;
-    r[i] = m < g.m ? _mm512_maskz_loadu_epi16(
-                         mask, static_cast<const bf16*>(g.x) + s.lora.order[m] * g.x_row_stride + k0)
+    r[i] = m < g.m ? _mm512_maskz_loadu_epi16(mask, static_cast<const T*>(g.x) + s.lora.order[m] * g.x_row_stride + k0)
                    : _mm512_setzero_si512();
+    if constexpr (kSplit<T>) split_halves(r[i], r[i], lo[i]);
   }
   transpose_16x16(r);
-  bf16* dst = const_cast<bf16*>(s.packed(block, step));
+  bf16* dst = s.pairs + s.offset(block, step);
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * kStepK, r[i]);
+  if constexpr (kSplit<T>) {
+    transpose_16x16(lo);
+    bf16* dst_lo = s.pairs_lo + s.offset(block, step);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst_lo + i * kStepK, lo[i]);
+  }
 }
 
-// 16 rows of a row-major bfloat16 matrix as left operands, 32 values of k per step: straight
-// from memory when 16 rows can be read there, else from a zero-padded copy of the `used` rows;
-// a last step of fewer than 32 values always from a zero-padded copy of its values.
+// 16 rows of a row-major matrix as left operands, 32 values of k per step. bfloat16: straight
+// from memory when 16 rows can be read there, else from a zero-padded copy of the `used` rows; a
+// last step of fewer than 32 values always from a zero-padded copy of its values. float16: every
+// step from a copy of the rows' high parts (at) and low parts (at_lo).
+template <typename T>
 class RowTiles {
  public:
-  // scratch: room for 16 x 32 x steps values
-  RowTiles(const bf16* rows, int64_t row_stride, int64_t used, int64_t readable, int64_t k, int64_t steps,
+  // Room the scratch needs, in bfloat16 values.
+  static int64_t scratch_size(int64_t steps) { return (kSplit<T> ? 2 : 1) * kTile * kStepK * steps; }
+
+  RowTiles(const T* rows, int64_t row_stride, int64_t used, int64_t readable, int64_t k, int64_t steps,
            bf16* scratch) {
-    if (readable >= kTile) {
-      direct_ = rows;
+    if constexpr (kSplit<T>) {
+      bf16* lo = scratch + kTile * kStepK * steps;
+      direct_ = scratch;
+      lo_ = lo;
+      stride_ = kStepK;
+      full_steps_ = steps;
+      for (int64_t step = 0; step < steps; ++step) {
+        for (int64_t i = 0; i < kTile; ++i) {
+          const __mmask32 mask = i < used ? first_of_32(k - step * kStepK) : 0;
+          __m512i high, low;
+          split_halves(_mm512_maskz_loadu_epi16(mask, rows + i * row_stride + step * kStepK), high, low);
+          _mm512_storeu_si512(scratch + (step * kTile + i) * kStepK, high);
+          _mm512_storeu_si512(lo + (step * kTile + i) * kStepK, low);
+        }
+      }
+      step_elements_ = kTile * kStepK;
+    } else if (readable >= kTile) {
+      direct_ = reinterpret_cast<const bf16*>(rows);
       stride_ = row_stride;
       full_steps_ = k / kStepK;
+      step_elements_ = kStepK;
       if (full_steps_ < steps) {
         tail_ = scratch;
         copy_rows(rows, row_stride, kTile, full_steps_ * kStepK, k, scratch, kStepK);
@@ -178,51 +238,64 @@ class RowTiles {
       direct_ = scratch;
       stride_ = steps * kStepK;
       full_steps_ = steps;
+      step_elements_ = kStepK;
       copy_rows(rows, row_stride, used, 0, k, scratch, stride_);
     }
     compiler_barrier();
   }
-  const void* at(int64_t step) const { return step < full_steps_ ? direct_ + step * kStepK : tail_; }
+  const void* at(int64_t step) const { return step < full_steps_ ? direct_ + step * step_elements_ : tail_; }
+  const void* at_lo(int64_t step) const { return lo_ + step * step_elements_; }
   int64_t stride_bytes(int64_t step) const {
     return step < full_steps_ ? stride_ * static_cast<int64_t>(sizeof(bf16)) : kTileBytes;
   }
 
  private:
   // dst[i, :width] = rows[i, k_begin:k_end] for i < used, zero elsewhere
-  static void copy_rows(const bf16* rows, int64_t row_stride, int64_t used, int64_t k_begin, int64_t k_end,
-                        bf16* dst, int64_t width) {
+  static void copy_rows(const T* rows, int64_t row_stride, int64_t used, int64_t k_begin, int64_t k_end, bf16* dst,
+                        int64_t width) {
     for (int64_t i = 0; i < kTile; ++i) {
       for (int64_t k = 0; k < width; k += kStepK) {
-        const int64_t left = i < used ? std::max<int64_t>(0, std::min<int64_t>(kStepK, k_end - k_begin - k)) : 0;
-        const __mmask32 mask = left >= kStepK ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << left) - 1);
-        _mm512_storeu_si512(dst + i * width + k,
-                            _mm512_maskz_loadu_epi16(mask, rows + i * row_stride + k_begin + k));
+        const __mmask32 mask = i < used ? first_of_32(k_end - k_begin - k) : 0;
+        _mm512_storeu_si512(dst + i * width + k, _mm512_maskz_loadu_epi16(mask, rows + i * row_stride + k_begin + k));
       }
     }
   }
 
   const bf16* direct_ = nullptr;
   const bf16* tail_ = nullptr;
-  int64_t stride_ = 0, full_steps_ = 0;
+  const bf16* lo_ = nullptr;
+  int64_t stride_ = 0, full_steps_ = 0, step_elements_ = 0;
 };
 
 // Step 2 for 16 ranks from r0 of one segment.
+template <typename T>
 void shrink_task(const Shared& s, const AmxSegment& seg, int64_t r0, bf16* scratch) {
   const AmxLoraArgs& lora = s.lora;
-  const RowTiles a(seg.a + r0 * lora.a_rank_stride, lora.a_rank_stride, std::min(kTile, seg.rank - r0),
-                   lora.max_rank - r0, s.g.k, s.steps, scratch);
+  const RowTiles<T> a(static_cast<const T*>(seg.a) + r0 * lora.a_rank_stride, lora.a_rank_stride,
+                      std::min(kTile, seg.rank - r0), lora.max_rank - r0, s.g.k, s.steps, scratch);
   const int64_t last_block = (seg.first + seg.count - 1) / kTile;
   for (int64_t block = seg.first / kTile; block <= last_block; block += 2) {
     const bool two = block + 1 <= last_block;
     _tile_zero(0);
     _tile_zero(1);
     for (int64_t step = 0; step < s.steps; ++step) {
-      _tile_loadd(4, a.at(step), a.stride_bytes(step));
-      _tile_loadd(6, s.packed(block, step), kTileBytes);
-      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(2, a.at(step), a.stride_bytes(step));
+      _tile_loadd(4, s.packed(block, step), kTileBytes);
+      _tile_dpbf16ps(0, 2, 4);
       if (two) {
-        _tile_loadd(7, s.packed(block + 1, step), kTileBytes);
-        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(6, s.packed(block + 1, step), kTileBytes);
+        _tile_dpbf16ps(1, 2, 6);
+      }
+      if constexpr (kSplit<T>) {
+        _tile_loadd(3, a.at_lo(step), kTileBytes);
+        _tile_loadd(5, s.packed_lo(block, step), kTileBytes);
+        _tile_dpbf16ps(0, 2, 5);
+        _tile_dpbf16ps(0, 3, 4);
+        if (two) {
+          _tile_loadd(7, s.packed_lo(block + 1, step), kTileBytes);
+          _tile_dpbf16ps(1, 2, 7);
+          _tile_dpbf16ps(1, 3, 6);
+        }
       }
     }
     alignas(64) float sums[2][kTile][kTile];
@@ -238,27 +311,27 @@ void shrink_task(const Shared& s, const AmxSegment& seg, int64_t r0, bf16* scrat
       const int64_t begin = std::max<int64_t>(seg.first, base) - base;
       const int64_t end = std::min<int64_t>(seg.first + seg.count, base + kTile) - base;
       for (int64_t i = begin; i < end; ++i) {
-        _mm512_mask_storeu_ps(s.h + (base + i) * s.h_stride + r0, ranks,
-                              _mm512_mul_ps(scale, _mm512_castsi512_ps(r[i])));
+        _mm512_mask_storeu_ps(s.h + (base + i) * s.h_stride + r0, ranks, _mm512_mul_ps(scale, _mm512_castsi512_ps(r[i])));
       }
     }
   }
 }
 
 // B[r, n0 .. n0 + 16) of one segment as float32, for r < rank (zero past d_out).
+template <typename T>
 void widen_b(const Shared& s, const AmxSegment& seg, int64_t n0, float* bw) {
   const AmxLoraArgs& lora = s.lora;
+  const T* b = static_cast<const T*>(seg.b);
   const int64_t cols = std::min<int64_t>(kTile, s.g.n - n0);
   if (lora.b_out_stride == 1) {
     for (int64_t r = 0; r < seg.rank; ++r) {
-      _mm512_store_ps(bw + r * kTile, avx512::load_16_lanes(seg.b + r * lora.b_rank_stride + n0, first_lanes(cols)));
+      _mm512_store_ps(bw + r * kTile, avx512::load_16_lanes(b + r * lora.b_rank_stride + n0, first_lanes(cols)));
     }
     return;
   }
   for (int64_t r = 0; r < seg.rank; ++r) {
     for (int64_t j = 0; j < kTile; ++j) {
-      bw[r * kTile + j] = j < cols ? static_cast<float>(seg.b[(n0 + j) * lora.b_out_stride + r * lora.b_rank_stride])
-                                   : 0.f;
+      bw[r * kTile + j] = j < cols ? static_cast<float>(b[(n0 + j) * lora.b_out_stride + r * lora.b_rank_stride]) : 0.f;
     }
   }
 }
@@ -274,11 +347,11 @@ struct ColumnSums {
 };
 
 // A finished tile (16 columns from n0 x the 16 rows of `block`): transposed, plus the bias, into `c`.
+template <typename T>
 void store_tile(const Shared& s, const float (&tile)[kTile][kTile], int64_t n0, int64_t block, const ColumnSums& c) {
   const BaseGemmArgs& g = s.g;
-  const __m512 bias = g.bias != nullptr
-                          ? avx512::load_16_lanes(static_cast<const bf16*>(g.bias) + n0, first_lanes(g.n - n0))
-                          : _mm512_setzero_ps();
+  const __m512 bias = g.bias != nullptr ? avx512::load_16_lanes(static_cast<const T*>(g.bias) + n0, first_lanes(g.n - n0))
+                                        : _mm512_setzero_ps();
   __m512i r[16];
   load_transposed(tile, r);
   const int64_t base = block * kTile, count = s.rows_in(block);
@@ -287,17 +360,17 @@ void store_tile(const Shared& s, const float (&tile)[kTile][kTile], int64_t n0, 
   }
 }
 
-// Step 3's base GEMM: column blocks [begin, end), two at a time, into `c`.
-void base_columns(const Shared& s, int64_t begin, int64_t end, bf16* scratch, const ColumnSums& c) {
+// Step 3's base GEMM for bfloat16: column blocks [begin, end), two at a time, into `c`.
+void base_columns_bf16(const Shared& s, int64_t begin, int64_t end, bf16* scratch, const ColumnSums& c) {
   const BaseGemmArgs& g = s.g;
   const bf16* w = static_cast<const bf16*>(g.w);
-  const int64_t operand = kTile * kStepK * s.steps;
+  const int64_t operand = RowTiles<bf16>::scratch_size(s.steps);
   for (int64_t col = begin; col < end; col += 2) {
     const bool two_cols = col + 1 < end;
     const int64_t n0 = col * kTile, n1 = n0 + kTile;
-    const RowTiles w0(w + n0 * g.w_row_stride, g.w_row_stride, g.n - n0, g.n - n0, g.k, s.steps, scratch);
+    const RowTiles<bf16> w0(w + n0 * g.w_row_stride, g.w_row_stride, g.n - n0, g.n - n0, g.k, s.steps, scratch);
     const int64_t c1 = two_cols ? n1 : n0;  // without a second block, an unused copy of the first
-    const RowTiles w1(w + c1 * g.w_row_stride, g.w_row_stride, g.n - c1, g.n - c1, g.k, s.steps, scratch + operand);
+    const RowTiles<bf16> w1(w + c1 * g.w_row_stride, g.w_row_stride, g.n - c1, g.n - c1, g.k, s.steps, scratch + operand);
     for (int64_t block = 0; block < s.blocks; block += 2) {
       const bool two_rows = block + 1 < s.blocks;
       _tile_zero(0);
@@ -324,20 +397,60 @@ void base_columns(const Shared& s, int64_t begin, int64_t end, bf16* scratch, co
       _tile_stored(2, sums[2], kTileBytes);
       _tile_stored(3, sums[3], kTileBytes);
       compiler_barrier();
-      store_tile(s, sums[0], n0, block, c);
-      if (two_rows) store_tile(s, sums[1], n0, block + 1, c);
+      store_tile<bf16>(s, sums[0], n0, block, c);
+      if (two_rows) store_tile<bf16>(s, sums[1], n0, block + 1, c);
       if (two_cols) {
-        store_tile(s, sums[2], n1, block, c);
-        if (two_rows) store_tile(s, sums[3], n1, block + 1, c);
+        store_tile<bf16>(s, sums[2], n1, block, c);
+        if (two_rows) store_tile<bf16>(s, sums[3], n1, block + 1, c);
       }
     }
   }
 }
 
+// Step 3's base GEMM for float16: one column block at a time (its weight rows split once), three
+// tile products per step (hi.hi, hi.lo, lo.hi) for each of two row blocks.
+void base_columns_f16(const Shared& s, int64_t begin, int64_t end, bf16* scratch, const ColumnSums& c) {
+  using T = c10::Half;
+  const BaseGemmArgs& g = s.g;
+  const T* w = static_cast<const T*>(g.w);
+  for (int64_t col = begin; col < end; ++col) {
+    const int64_t n0 = col * kTile;
+    const RowTiles<T> w0(w + n0 * g.w_row_stride, g.w_row_stride, g.n - n0, g.n - n0, g.k, s.steps, scratch);
+    for (int64_t block = 0; block < s.blocks; block += 2) {
+      const bool two_rows = block + 1 < s.blocks;
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t step = 0; step < s.steps; ++step) {
+        _tile_loadd(2, w0.at(step), kTileBytes);
+        _tile_loadd(3, w0.at_lo(step), kTileBytes);
+        _tile_loadd(4, s.packed(block, step), kTileBytes);
+        _tile_loadd(5, s.packed_lo(block, step), kTileBytes);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(0, 2, 5);
+        _tile_dpbf16ps(0, 3, 4);
+        if (two_rows) {
+          _tile_loadd(6, s.packed(block + 1, step), kTileBytes);
+          _tile_loadd(7, s.packed_lo(block + 1, step), kTileBytes);
+          _tile_dpbf16ps(1, 2, 6);
+          _tile_dpbf16ps(1, 2, 7);
+          _tile_dpbf16ps(1, 3, 6);
+        }
+      }
+      alignas(64) float sums[2][kTile][kTile];
+      _tile_stored(0, sums[0], kTileBytes);
+      _tile_stored(1, sums[1], kTileBytes);
+      compiler_barrier();
+      store_tile<T>(s, sums[0], n0, block, c);
+      if (two_rows) store_tile<T>(s, sums[1], n0, block + 1, c);
+    }
+  }
+}
+
 // out[row of m', columns of c] = the sums rounded, for m' in [begin, end) (rows with no delta).
+template <typename T>
 void store_rows(const Shared& s, int64_t begin, int64_t end, const ColumnSums& c) {
   for (int64_t m = begin; m < end; ++m) {
-    bf16* out = static_cast<bf16*>(s.g.out) + s.lora.order[m] * s.g.out_row_stride;
+    T* out = static_cast<T*>(s.g.out) + s.lora.order[m] * s.g.out_row_stride;
     for (int64_t n0 = c.n_begin; n0 < c.n_end; n0 += kTile) {
       avx512::store_16_lanes(out + n0, _mm512_load_ps(c.at(m, n0)), first_lanes(c.n_end - n0));
     }
@@ -346,12 +459,13 @@ void store_rows(const Shared& s, int64_t begin, int64_t end, const ColumnSums& c
 
 // Step 3's deltas, one segment at a time along the thread's columns, so that each of its ranks'
 // rows of B streams through memory in order; every output is rounded and stored once.
+template <typename T>
 void add_deltas_and_store(const Shared& s, const ColumnSums& c, float* bw) {
   int64_t done = 0;  // rows of the plan's order stored so far
   for (const AmxSegment& seg : s.lora.segments) {
-    store_rows(s, done, seg.first, c);
+    store_rows<T>(s, done, seg.first, c);
     for (int64_t n0 = c.n_begin; n0 < c.n_end; n0 += kTile) {
-      widen_b(s, seg, n0, bw);
+      widen_b<T>(s, seg, n0, bw);
       const __mmask16 cols = first_lanes(c.n_end - n0);
       for (int64_t m = seg.first; m < seg.first + seg.count; ++m) {
         const float* h = s.h + m * s.h_stride;
@@ -359,33 +473,51 @@ void add_deltas_and_store(const Shared& s, const ColumnSums& c, float* bw) {
         for (int64_t j = 0; j < seg.rank; ++j) {
           acc = _mm512_fmadd_ps(_mm512_set1_ps(h[j]), _mm512_load_ps(bw + j * kTile), acc);
         }
-        avx512::store_16_lanes(static_cast<bf16*>(s.g.out) + s.lora.order[m] * s.g.out_row_stride + n0, acc, cols);
+        avx512::store_16_lanes(static_cast<T*>(s.g.out) + s.lora.order[m] * s.g.out_row_stride + n0, acc, cols);
       }
     }
     done = seg.first + seg.count;
   }
-  store_rows(s, done, s.g.m, c);
+  store_rows<T>(s, done, s.g.m, c);
 }
 
-}  // namespace
+// Step 2 for a small segment on the item kernel (AmxLoraArgs::item_shrink), through `u` (room for
+// kAmxItemShrinkRows x R floats).
+void item_shrink_task(const Shared& s, int64_t segment, float* u) {
+  const AmxSegment& seg = s.lora.segments[segment];
+  s.lora.item_shrink(s.lora.items[segment], /*xs=*/nullptr, 0, seg.rank, u);
+  for (int64_t i = 0; i < seg.count; ++i) {
+    std::copy(u + i * seg.rank, u + (i + 1) * seg.rank, s.h + (seg.first + i) * s.h_stride);
+  }
+}
 
-void amx_linear_lora(const BaseGemmArgs& g, const AmxLoraArgs& lora) {
+inline uintptr_t align64(uintptr_t p) { return (p + 63) & ~uintptr_t{63}; }
+template <typename P>
+P* aligned(P* p) {
+  return reinterpret_cast<P*>(align64(reinterpret_cast<uintptr_t>(p)));
+}
+
+template <typename T>
+void run(const BaseGemmArgs& g, const AmxLoraArgs& lora) {
   const int64_t steps = (g.k + kStepK - 1) / kStepK, blocks = (g.m + kTile - 1) / kTile;
   const int64_t col_blocks = (g.n + kTile - 1) / kTile;
   const int64_t h_stride = (lora.max_rank + kTile - 1) / kTile * kTile;
+  const int64_t packed_size = blocks * steps * kTile * kStepK;  // bfloat16 values per packed copy
   thread_local ReusedBuffer pairs_buffer, h_buffer;
-  Shared s{g, lora, steps, blocks,
-           reinterpret_cast<bf16*>(pairs_buffer.get(blocks * steps * kTile * kStepK / 2 + 32)), h_buffer.get(g.m * h_stride),
-           h_stride, std::vector<int64_t>(blocks)};
-  // the tile unit's operands: 64-byte aligned rows read fastest
-  s.pairs = reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(s.pairs) + 63) & ~uintptr_t{63});
-  std::vector<std::pair<size_t, int64_t>> shrink_tasks;  // (segment, r0)
+  bf16* pairs = aligned(reinterpret_cast<bf16*>(pairs_buffer.get((kSplit<T> ? 2 : 1) * packed_size / 2 + 16)));
+  Shared s{g, lora, steps, blocks, pairs, pairs + packed_size, h_buffer.get(g.m * h_stride), h_stride,
+           std::vector<int64_t>(blocks)};
   const int64_t segments = static_cast<int64_t>(lora.segments.size());
   for (int64_t i = 0, block = 0; block < blocks; ++block) {
     while (i < segments && lora.segments[i].first + lora.segments[i].count <= block * kTile) ++i;
     s.first_segment[block] = i;
   }
-  for (size_t i = 0; i < lora.segments.size(); ++i) {
+  std::vector<std::pair<int64_t, int64_t>> shrink_tasks;  // (segment, r0); r0 = -1: on the item kernel
+  for (int64_t i = 0; i < segments; ++i) {
+    if (lora.item_shrink != nullptr && lora.segments[i].count <= kAmxItemShrinkRows) {
+      shrink_tasks.emplace_back(i, -1);
+      continue;
+    }
     for (int64_t r0 = 0; r0 < lora.segments[i].rank; r0 += kTile) shrink_tasks.emplace_back(i, r0);
   }
   const int64_t tasks = static_cast<int64_t>(shrink_tasks.size());
@@ -393,27 +525,43 @@ void amx_linear_lora(const BaseGemmArgs& g, const AmxLoraArgs& lora) {
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     thread_local ReusedBuffer scratch_buffer, bw_buffer, sums_buffer;
-    bf16* scratch = reinterpret_cast<bf16*>(scratch_buffer.get(2 * kTile * kStepK * steps / 2 + 32));
-    scratch = reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t{63});
-    float* bw = bw_buffer.get(h_stride * kTile + 16);
-    bw = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(bw) + 63) & ~uintptr_t{63});
+    // two left operands' copies (bfloat16 values; the buffer counts floats)
+    bf16* scratch = aligned(reinterpret_cast<bf16*>(scratch_buffer.get(RowTiles<T>::scratch_size(steps) + 16)));
+    float* bw = aligned(bw_buffer.get(h_stride * kTile + 16));
     configure_tiles();
     for (int64_t u = blocks * steps * t / threads; u < blocks * steps * (t + 1) / threads; ++u) {
-      pack_block(s, u / steps, u % steps);
+      pack_block<T>(s, u / steps, u % steps);
     }
 #pragma omp barrier
     for (int64_t i = t; i < tasks; i += threads) {
-      shrink_task(s, lora.segments[shrink_tasks[i].first], shrink_tasks[i].second, scratch);
+      const auto [segment, r0] = shrink_tasks[i];
+      if (r0 >= 0) {
+        shrink_task<T>(s, lora.segments[segment], r0, scratch);
+      } else {
+        item_shrink_task(s, segment, bw);
+      }
     }
 #pragma omp barrier
     const int64_t begin = col_blocks * t / threads, end = col_blocks * (t + 1) / threads;
     const int64_t stride = (end - begin) * kTile;
-    float* sums = sums_buffer.get(g.m * stride + 16);
-    const ColumnSums c{reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sums) + 63) & ~uintptr_t{63}), stride,
-                       begin * kTile, std::min(g.n, end * kTile)};
-    base_columns(s, begin, end, scratch, c);
-    add_deltas_and_store(s, c, bw);
+    const ColumnSums c{aligned(sums_buffer.get(g.m * stride + 16)), stride, begin * kTile, std::min(g.n, end * kTile)};
+    if constexpr (kSplit<T>) {
+      base_columns_f16(s, begin, end, scratch, c);
+    } else {
+      base_columns_bf16(s, begin, end, scratch, c);
+    }
+    add_deltas_and_store<T>(s, c, bw);
     _tile_release();
+  }
+}
+
+}  // namespace
+
+void amx_linear_lora(const BaseGemmArgs& g, const AmxLoraArgs& lora) {
+  if (g.dtype == c10::ScalarType::Half) {
+    run<c10::Half>(g, lora);
+  } else {
+    run<bf16>(g, lora);
   }
 }
 

@@ -31,9 +31,9 @@ namespace cpu {
 // replaces that limit when it is not 0.
 //
 // Dtypes: float32 always; bfloat16 and float16 by the cpu_fused_linear_16bit setting: "auto" fuses
-// them where lora_ext has the unit the library's GEMM would use (bfloat16: the AMX path where the
-// CPU has AMX, else AVX512-BF16; float16: only without AVX512-FP16), "on" always, "off" never.
-// Only with the AVX-512 kernels.
+// them where lora_ext has the unit the library's GEMM would use or a faster one (bfloat16: the AMX
+// path where the CPU has AMX, else AVX512-BF16; float16: the AMX path, else only without
+// AVX512-FP16), "on" always, "off" never. Only with the AVX-512 kernels.
 bool amx_path_on() { return setting(Setting::kCpuAmx) != 0 && amx_bf16_usable(); }
 
 bool fuses_dtype(at::ScalarType dtype) {
@@ -45,7 +45,7 @@ bool fuses_dtype(at::ScalarType dtype) {
     case kFused16BitOff:
       return false;
     default:
-      if (dtype == at::kHalf) return !cpu_has_avx512_fp16();
+      if (dtype == at::kHalf) return amx_path_on() || !cpu_has_avx512_fp16();
       return cpu_has_amx_bf16() ? amx_path_on() : cpu_has_avx512_bf16();
   }
 }
@@ -111,27 +111,36 @@ bool fused_linear_fits(const at::Tensor& x, const at::Tensor& weight, const c10:
          kernels.rows_to_float == nullptr;
 }
 
-// Whether this call runs fused on the AMX path: the fusion rule for bfloat16 with that path on, and
+// Whether this call runs fused on the AMX path: the fusion rule for a 16-bit dtype with that path on, and
 // unit strides along x's, W's, the bias's and A's rows (any rows per slot, any layout of B).
 bool amx_linear_fits(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                      const at::Tensor& lora_a, const LoraSizes& sizes) {
   const bool strides = x.stride(1) == 1 && weight.stride(1) == 1 && (!bias || bias->stride(0) == 1) &&
                        lora_a.stride(2) == 1;
-  return x.scalar_type() == at::kBFloat16 && amx_path_on() &&
+  const bool dtype = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  return dtype && amx_path_on() &&
          linear_lora_fuses(sizes.rows, sizes.d_in, x.scalar_type()) && strides;
 }
 
-// The AMX path's view of the plan: one segment per slot with rows and a rank above 0.
+// The AMX path's view of the plan: one segment per slot with rows and a rank above 0; for float16,
+// the item kernel that shrinks its small segments.
 AmxLoraArgs amx_lora_args(const LoraCall& call, const int32_t* plan, const PlanLayout& layout) {
   const at::Tensor &a = call.lora_a, &b = call.lora_b;
   const int32_t* offsets = plan + layout.offsets();
-  AmxLoraArgs args{plan + layout.order(), {}, call.sizes.max_rank, a.stride(1), b.stride(1), b.stride(2)};
+  const int32_t* order = plan + layout.order();
+  AmxLoraArgs args{order, {}, call.sizes.max_rank, a.stride(1), b.stride(1), b.stride(2)};
+  const int64_t elem = a.element_size();
   for (int64_t slot = 0; slot < call.sizes.slots; ++slot) {
     const int64_t count = offsets[slot + 1] - offsets[slot], rank = call.rank_of(slot);
     if (count == 0 || rank == 0) continue;
     args.segments.push_back(AmxSegment{offsets[slot], count, rank, call.scale_of(slot),
-                                       a.data_ptr<at::BFloat16>() + slot * a.stride(0),
-                                       b.data_ptr<at::BFloat16>() + slot * b.stride(0)});
+                                       static_cast<const char*>(a.data_ptr()) + slot * a.stride(0) * elem,
+                                       static_cast<const char*>(b.data_ptr()) + slot * b.stride(0) * elem});
+    args.items.push_back(item_args(call, order, WorkItem{slot, offsets[slot], count}));
+  }
+  if (call.x.scalar_type() == at::kHalf && !args.items.empty()) {
+    const ItemKernels kernels = choose_item_kernels(at::kHalf, args.items[0]);
+    if (kernels.rows_to_float == nullptr) args.item_shrink = kernels.shrink;
   }
   return args;
 }
