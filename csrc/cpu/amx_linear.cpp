@@ -457,6 +457,45 @@ void store_rows(const Shared& s, int64_t begin, int64_t end, const ColumnSums& c
   }
 }
 
+// Rows m0 .. m0 + NR of one segment, 16 columns from n0: the sums plus sum_r h[m, r] bw[r], rounded
+// and stored once. NR rows x NP partial sums over the ranks keep eight FMA chains apart, so the FMAs
+// wait on throughput rather than each one's latency.
+template <typename T, int NR>
+void delta_rows(const Shared& s, const AmxSegment& seg, const ColumnSums& c, int64_t m0, int64_t n0,
+                const float* bw) {
+  constexpr int NP = NR >= 8 ? 1 : 8 / NR;
+  __m512 acc[NR][NP];
+  const float* h[NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < NR; ++i) {
+    h[i] = s.h + (m0 + i) * s.h_stride;
+    acc[i][0] = _mm512_load_ps(c.at(m0 + i, n0));
+#pragma GCC unroll 8
+    for (int p = 1; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
+  }
+  int64_t j = 0;
+  for (; j + NP <= seg.rank; j += NP) {
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) {
+      const __m512 b = _mm512_load_ps(bw + (j + p) * kTile);
+#pragma GCC unroll 8
+      for (int i = 0; i < NR; ++i) acc[i][p] = _mm512_fmadd_ps(_mm512_set1_ps(h[i][j + p]), b, acc[i][p]);
+    }
+  }
+  for (; j < seg.rank; ++j) {
+    const __m512 b = _mm512_load_ps(bw + j * kTile);
+#pragma GCC unroll 8
+    for (int i = 0; i < NR; ++i) acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(h[i][j]), b, acc[i][0]);
+  }
+  const __mmask16 cols = first_lanes(c.n_end - n0);
+#pragma GCC unroll 8
+  for (int i = 0; i < NR; ++i) {
+#pragma GCC unroll 8
+    for (int p = 1; p < NP; ++p) acc[i][0] = _mm512_add_ps(acc[i][0], acc[i][p]);
+    avx512::store_16_lanes(static_cast<T*>(s.g.out) + s.lora.order[m0 + i] * s.g.out_row_stride + n0, acc[i][0], cols);
+  }
+}
+
 // Step 3's deltas, one segment at a time along the thread's columns, so that each of its ranks'
 // rows of B streams through memory in order; every output is rounded and stored once.
 template <typename T>
@@ -464,19 +503,22 @@ void add_deltas_and_store(const Shared& s, const ColumnSums& c, float* bw) {
   int64_t done = 0;  // rows of the plan's order stored so far
   for (const AmxSegment& seg : s.lora.segments) {
     store_rows<T>(s, done, seg.first, c);
+    const int64_t end = seg.first + seg.count;
     for (int64_t n0 = c.n_begin; n0 < c.n_end; n0 += kTile) {
       widen_b<T>(s, seg, n0, bw);
-      const __mmask16 cols = first_lanes(c.n_end - n0);
-      for (int64_t m = seg.first; m < seg.first + seg.count; ++m) {
-        const float* h = s.h + m * s.h_stride;
-        __m512 acc = _mm512_load_ps(c.at(m, n0));
-        for (int64_t j = 0; j < seg.rank; ++j) {
-          acc = _mm512_fmadd_ps(_mm512_set1_ps(h[j]), _mm512_load_ps(bw + j * kTile), acc);
-        }
-        avx512::store_16_lanes(static_cast<T*>(s.g.out) + s.lora.order[m] * s.g.out_row_stride + n0, acc, cols);
+      int64_t m = seg.first;
+      for (; m + 8 <= end; m += 8) delta_rows<T, 8>(s, seg, c, m, n0, bw);
+      if (m + 4 <= end) {
+        delta_rows<T, 4>(s, seg, c, m, n0, bw);
+        m += 4;
       }
+      if (m + 2 <= end) {
+        delta_rows<T, 2>(s, seg, c, m, n0, bw);
+        m += 2;
+      }
+      if (m < end) delta_rows<T, 1>(s, seg, c, m, n0, bw);
     }
-    done = seg.first + seg.count;
+    done = end;
   }
   store_rows<T>(s, done, s.g.m, c);
 }
