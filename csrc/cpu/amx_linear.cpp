@@ -10,8 +10,11 @@
 //     as the left operand (the weight is never repacked); each finished tile is transposed in
 //     registers and kept, with the bias, as float32 for the thread's columns. Then, one slot at a
 //     time along those columns (B's rows stream in order), each row's delta sum_r h[row, r] B[n, r]
-//     is added with float32 FMAs and the row is rounded to bfloat16 once.
-// Tiles: 0-3 float32 sums, 4-5 left operands (W or A), 6-7 right operands (packed x).
+//     is added with float32 FMAs and the row is rounded to the output dtype once.
+// float16 runs every tile product as three on bfloat16 parts (split_halves below).
+// Tiles, all 16 rows x 64 bytes: float32 sums in 0-3 (bfloat16 base GEMM: 2 column x 2 row blocks)
+// or 0-1 (the shrink, float16: 2 row blocks), left operands (W or A; float16: high and low parts)
+// next, packed x last.
 #include "cpu/amx_linear.h"
 
 #include <ATen/Parallel.h>
@@ -163,7 +166,6 @@ struct Shared {
   bf16* pairs_lo;       // float16: the low parts, laid out the same; else unused
   float* h;             // (m, h_stride): row m' of the plan's order, scale included
   int64_t h_stride;
-  std::vector<int64_t> first_segment;  // per block: the first segment that ends past its start
 
   int64_t offset(int64_t block, int64_t step) const { return (block * steps + step) * kTile * kStepK; }
   const bf16* packed(int64_t block, int64_t step) const { return pairs + offset(block, step); }
@@ -547,13 +549,8 @@ void run(const BaseGemmArgs& g, const AmxLoraArgs& lora) {
   const int64_t packed_size = blocks * steps * kTile * kStepK;  // bfloat16 values per packed copy
   thread_local ReusedBuffer pairs_buffer, h_buffer;
   bf16* pairs = aligned(reinterpret_cast<bf16*>(pairs_buffer.get((kSplit<T> ? 2 : 1) * packed_size / 2 + 16)));
-  Shared s{g, lora, steps, blocks, pairs, pairs + packed_size, h_buffer.get(g.m * h_stride), h_stride,
-           std::vector<int64_t>(blocks)};
+  const Shared s{g, lora, steps, blocks, pairs, pairs + packed_size, h_buffer.get(g.m * h_stride), h_stride};
   const int64_t segments = static_cast<int64_t>(lora.segments.size());
-  for (int64_t i = 0, block = 0; block < blocks; ++block) {
-    while (i < segments && lora.segments[i].first + lora.segments[i].count <= block * kTile) ++i;
-    s.first_segment[block] = i;
-  }
   std::vector<std::pair<int64_t, int64_t>> shrink_tasks;  // (segment, r0); r0 = -1: on the item kernel
   for (int64_t i = 0; i < segments; ++i) {
     if (lora.item_shrink != nullptr && lora.segments[i].count <= kAmxItemShrinkRows) {
@@ -567,7 +564,8 @@ void run(const BaseGemmArgs& g, const AmxLoraArgs& lora) {
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     thread_local ReusedBuffer scratch_buffer, bw_buffer, sums_buffer;
-    // two left operands' copies (bfloat16 values; the buffer counts floats)
+    // room for two RowTiles copies (bfloat16 values; the buffer counts floats): bfloat16's two
+    // column blocks, or float16's one block of two parts
     bf16* scratch = aligned(reinterpret_cast<bf16*>(scratch_buffer.get(RowTiles<T>::scratch_size(steps) + 16)));
     float* bw = aligned(bw_buffer.get(h_stride * kTile + 16));
     configure_tiles();

@@ -3,7 +3,7 @@
 // library's GEMM (oneDNN) runs bfloat16 on it about 4x faster than lora_ext's AVX-512 GEMM, so the
 // AVX-512 fusion loses there; this path keeps the tile unit's rate and still adds the deltas before
 // each output is rounded. float16 runs as exact pairs of bfloat16 parts (three tile products per
-// step), several times faster at decode sizes than ATen's float16 GEMM (benchmarks/NOTES.md).
+// step), 1.2-2.4x faster at decode sizes than ATen's float16 GEMM (benchmarks/NOTES.md).
 #pragma once
 
 #include <cstdint>

@@ -136,9 +136,9 @@ AmxLoraArgs amx_lora_args(const LoraCall& call, const int32_t* plan, const PlanL
     args.segments.push_back(AmxSegment{offsets[slot], count, rank, call.scale_of(slot),
                                        static_cast<const char*>(a.data_ptr()) + slot * a.stride(0) * elem,
                                        static_cast<const char*>(b.data_ptr()) + slot * b.stride(0) * elem});
-    args.items.push_back(item_args(call, order, WorkItem{slot, offsets[slot], count}));
+    if (call.x.scalar_type() == at::kHalf) args.items.push_back(item_args(call, order, WorkItem{slot, offsets[slot], count}));
   }
-  if (call.x.scalar_type() == at::kHalf && !args.items.empty()) {
+  if (!args.items.empty()) {
     const ItemKernels kernels = choose_item_kernels(at::kHalf, args.items[0]);
     if (kernels.rows_to_float == nullptr) args.item_shrink = kernels.shrink;
   }
