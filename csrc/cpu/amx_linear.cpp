@@ -269,6 +269,39 @@ class RowTiles {
   int64_t stride_ = 0, full_steps_ = 0, step_elements_ = 0;
 };
 
+// sums[i] = left (16 rows) x the packed rows of block + i, for i < 2 (i = 1 only when `two`):
+// float32 sums over every step of k, as stored from tiles 0 and 1. bfloat16: one tile product per
+// step; float16: hi.hi + hi.lo + lo.hi.
+template <typename T>
+void left_times_blocks(const Shared& s, const RowTiles<T>& left, int64_t block, bool two,
+                       float (&sums)[2][kTile][kTile]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t step = 0; step < s.steps; ++step) {
+    _tile_loadd(2, left.at(step), left.stride_bytes(step));
+    _tile_loadd(4, s.packed(block, step), kTileBytes);
+    _tile_dpbf16ps(0, 2, 4);
+    if (two) {
+      _tile_loadd(6, s.packed(block + 1, step), kTileBytes);
+      _tile_dpbf16ps(1, 2, 6);
+    }
+    if constexpr (kSplit<T>) {
+      _tile_loadd(3, left.at_lo(step), kTileBytes);
+      _tile_loadd(5, s.packed_lo(block, step), kTileBytes);
+      _tile_dpbf16ps(0, 2, 5);
+      _tile_dpbf16ps(0, 3, 4);
+      if (two) {
+        _tile_loadd(7, s.packed_lo(block + 1, step), kTileBytes);
+        _tile_dpbf16ps(1, 2, 7);
+        _tile_dpbf16ps(1, 3, 6);
+      }
+    }
+  }
+  _tile_stored(0, sums[0], kTileBytes);
+  _tile_stored(1, sums[1], kTileBytes);
+  compiler_barrier();
+}
+
 // Step 2 for 16 ranks from r0 of one segment.
 template <typename T>
 void shrink_task(const Shared& s, const AmxSegment& seg, int64_t r0, bf16* scratch) {
@@ -278,32 +311,8 @@ void shrink_task(const Shared& s, const AmxSegment& seg, int64_t r0, bf16* scrat
   const int64_t last_block = (seg.first + seg.count - 1) / kTile;
   for (int64_t block = seg.first / kTile; block <= last_block; block += 2) {
     const bool two = block + 1 <= last_block;
-    _tile_zero(0);
-    _tile_zero(1);
-    for (int64_t step = 0; step < s.steps; ++step) {
-      _tile_loadd(2, a.at(step), a.stride_bytes(step));
-      _tile_loadd(4, s.packed(block, step), kTileBytes);
-      _tile_dpbf16ps(0, 2, 4);
-      if (two) {
-        _tile_loadd(6, s.packed(block + 1, step), kTileBytes);
-        _tile_dpbf16ps(1, 2, 6);
-      }
-      if constexpr (kSplit<T>) {
-        _tile_loadd(3, a.at_lo(step), kTileBytes);
-        _tile_loadd(5, s.packed_lo(block, step), kTileBytes);
-        _tile_dpbf16ps(0, 2, 5);
-        _tile_dpbf16ps(0, 3, 4);
-        if (two) {
-          _tile_loadd(7, s.packed_lo(block + 1, step), kTileBytes);
-          _tile_dpbf16ps(1, 2, 7);
-          _tile_dpbf16ps(1, 3, 6);
-        }
-      }
-    }
     alignas(64) float sums[2][kTile][kTile];
-    _tile_stored(0, sums[0], kTileBytes);
-    _tile_stored(1, sums[1], kTileBytes);
-    compiler_barrier();
+    left_times_blocks(s, a, block, two, sums);
     const __mmask16 ranks = first_lanes(seg.rank - r0);
     const __m512 scale = _mm512_set1_ps(seg.scale);
     for (int half = 0; half < (two ? 2 : 1); ++half) {
@@ -420,28 +429,8 @@ void base_columns_f16(const Shared& s, int64_t begin, int64_t end, bf16* scratch
     const RowTiles<T> w0(w + n0 * g.w_row_stride, g.w_row_stride, g.n - n0, g.n - n0, g.k, s.steps, scratch);
     for (int64_t block = 0; block < s.blocks; block += 2) {
       const bool two_rows = block + 1 < s.blocks;
-      _tile_zero(0);
-      _tile_zero(1);
-      for (int64_t step = 0; step < s.steps; ++step) {
-        _tile_loadd(2, w0.at(step), kTileBytes);
-        _tile_loadd(3, w0.at_lo(step), kTileBytes);
-        _tile_loadd(4, s.packed(block, step), kTileBytes);
-        _tile_loadd(5, s.packed_lo(block, step), kTileBytes);
-        _tile_dpbf16ps(0, 2, 4);
-        _tile_dpbf16ps(0, 2, 5);
-        _tile_dpbf16ps(0, 3, 4);
-        if (two_rows) {
-          _tile_loadd(6, s.packed(block + 1, step), kTileBytes);
-          _tile_loadd(7, s.packed_lo(block + 1, step), kTileBytes);
-          _tile_dpbf16ps(1, 2, 6);
-          _tile_dpbf16ps(1, 2, 7);
-          _tile_dpbf16ps(1, 3, 6);
-        }
-      }
       alignas(64) float sums[2][kTile][kTile];
-      _tile_stored(0, sums[0], kTileBytes);
-      _tile_stored(1, sums[1], kTileBytes);
-      compiler_barrier();
+      left_times_blocks(s, w0, block, two_rows, sums);
       store_tile<T>(s, sums[0], n0, block, c);
       if (two_rows) store_tile<T>(s, sums[1], n0, block + 1, c);
     }
