@@ -165,6 +165,22 @@ def test_amx_path_matches_reference(dtype, rows, d_in, d_out, distribution, max_
     assert taken.get("cpu_linear_amx") == 1, taken
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_fused_paths_take_row_strides(dtype):
+    """x and W as column slices of wider tensors (rows longer than d_in), the fused 16-bit path (AMX
+    where the CPU has it) against the reference."""
+    inputs = make_inputs(24, 100, 70, 6, 16, dtype, "cpu", "zipf", seed=5, b_layout="rank_major")
+    wide = torch.randn(24, 160).to(dtype)
+    wide[:, :100] = inputs["x"]
+    inputs["x"] = wide[:, :100]
+    weight, bias = base_layer(100, 70, True, dtype, 5)
+    wide_w = torch.randn(70, 130).to(dtype)
+    wide_w[:, :100] = weight
+    with kernel_config.configured(cpu_fused_linear_16bit=True), kernel_config.paths_taken() as taken:
+        check(inputs, wide_w[:, :100], bias, dtype, f"row strides {dtype}")
+    assert taken.get("cpu_linear_fused") == (1 if HAS_AVX512 else None), taken
+
+
 @pytest.mark.parametrize("max_rank", [1, 5, 64, 128])
 def test_ranks_up_to_max(fusion, max_rank):
     inputs = make_inputs(32, 200, 70, 8, max_rank, torch.float32, "cpu", "unsorted", seed=max_rank)
