@@ -28,7 +28,15 @@
 #include "cpu/item_kernels.h"
 #include "cpu/work.h"
 
-#if defined(LORA_EXT_HAVE_AVX512) && defined(__linux__)
+// The tile intrinsics need GCC 11 or Clang 12; the OS permission request is Linux's.
+#if defined(__clang__)
+#define LORA_EXT_COMPILER_HAS_AMX (__clang_major__ >= 12)
+#elif defined(__GNUC__)
+#define LORA_EXT_COMPILER_HAS_AMX (__GNUC__ >= 11)
+#else
+#define LORA_EXT_COMPILER_HAS_AMX 0
+#endif
+#if defined(LORA_EXT_HAVE_AVX512) && defined(__linux__) && LORA_EXT_COMPILER_HAS_AMX
 #define LORA_EXT_HAVE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
