@@ -74,10 +74,12 @@ def test_half_dtypes_match_reference(dtype, rows):
     check(inputs, weight, bias, dtype, f"{dtype} T={rows}")
 
 
-# linear_lora's 16-bit paths: lora_ext's GEMM with vdpbf16ps (bfloat16 where the CPU has
-# AVX512-BF16), the same widening to float32, and ATen's linear.
+# linear_lora's 16-bit paths: fused as the CPU allows (the AMX path where the CPU has AMX), fused on
+# lora_ext's AVX-512 GEMM (vdpbf16ps for bfloat16 where the CPU has AVX512-BF16), the same widening
+# to float32, and ATen's linear.
 HALF_PATHS = {"fused": {"cpu_fused_linear_16bit": True},
-              "fused_widening": {"cpu_fused_linear_16bit": True, "cpu_avx512_bf16": False},
+              "fused_avx512": {"cpu_fused_linear_16bit": True, "cpu_amx": False},
+              "fused_widening": {"cpu_fused_linear_16bit": True, "cpu_avx512_bf16": False, "cpu_amx": False},
               "unfused": {"cpu_fused_linear_16bit": False}}
 # d_in around the tiles' steps along k (16 widening, 32 with vdpbf16ps)
 HALF_SIZES = [(1, 1), (17, 13), (33, 7), (64, 3), (3, 64), (768, 256), (100, 1500)]
@@ -112,7 +114,7 @@ def test_half_dtypes_on_each_path(dtype, path, rows, d_in, d_out, distribution):
     # not take (the AMX one takes any rows per slot)
     ids = inputs["slot_ids"]
     gemm_slot = bool((ids >= 0).any()) and int(torch.bincount(ids[ids >= 0]).max()) >= 64
-    amx = fuses and HAS_AMX_BF16
+    amx = fuses and HAS_AMX_BF16 and HALF_PATHS[path].get("cpu_amx", True)
     assert taken.get("cpu_linear_fused" if fuses and (amx or not gemm_slot) else "cpu_linear_unfused") == 1, taken
     assert taken.get("cpu_linear_amx") == (1 if amx else None), taken
 
