@@ -12,8 +12,8 @@ csrc/kernel_config.cpp):
                                  where the CPU has them
     cpu_fused_linear_16bit ["auto"]  whether bfloat16 and float16 take the fused path too: "auto" where
                                  lora_ext has the unit ATen's GEMM would use (bfloat16: the AMX path
-                                 where the CPU has AMX, else AVX512-BF16; float16: no AVX512-FP16),
-                                 True always, False never
+                                 where the CPU has AMX, else AVX512-BF16; float16: the AMX path from 9
+                                 rows, else no AVX512-FP16), True always, False never
     cpu_fused_linear_max_rows [0]  the fused path takes batches of up to this many rows (more than
                                  32 only where d_in <= 4096); 0: 64 for float32 on Intel CPUs,
                                  128 otherwise

@@ -120,13 +120,18 @@ def test_half_dtypes_on_each_path(dtype, path, rows, d_in, d_out, distribution):
 
 
 def test_half_dtypes_fuse_where_lora_ext_has_the_librarys_unit():
-    """The "auto" rule: both 16-bit dtypes fuse on the AMX path where the CPU has AMX; elsewhere
-    bfloat16 with AVX512-BF16 and float16 without AVX512-FP16 (CPU flags read from /proc/cpuinfo
-    here, from CPUID in the module)."""
+    """The "auto" rule: both 16-bit dtypes fuse on the AMX path where the CPU has AMX (float16 from 9
+    rows: below, ATen's AVX512-FP16 GEMM is as fast); elsewhere bfloat16 with AVX512-BF16 and float16
+    without AVX512-FP16 (CPU flags read from /proc/cpuinfo here, from CPUID in the module)."""
     with kernel_config.configured(cpu_fused_linear_16bit="auto"):
         assert kernel_config.linear_lora_fuses(32, 768, torch.bfloat16) == (HAS_AVX512_BF16 or HAS_AMX_BF16)
+        assert kernel_config.linear_lora_fuses(1, 768, torch.bfloat16) == (HAS_AVX512_BF16 or HAS_AMX_BF16)
         assert kernel_config.linear_lora_fuses(32, 768, torch.float16) == (
             HAS_AMX_BF16 or (HAS_AVX512 and not HAS_AVX512_FP16))
+        assert kernel_config.linear_lora_fuses(9, 768, torch.float16) == kernel_config.linear_lora_fuses(
+            32, 768, torch.float16)
+        assert kernel_config.linear_lora_fuses(8, 768, torch.float16) == (
+            HAS_AVX512 and not HAS_AVX512_FP16)
         assert not kernel_config.linear_lora_fuses(129, 768, torch.bfloat16)
     with kernel_config.configured(cpu_fused_linear_16bit="auto", cpu_amx=False):
         assert kernel_config.linear_lora_fuses(32, 768, torch.bfloat16) == (HAS_AVX512_BF16 and not HAS_AMX_BF16)
@@ -162,7 +167,7 @@ def test_amx_path_matches_reference(dtype, rows, d_in, d_out, distribution, max_
     inputs = make_inputs(rows, d_in, d_out, slots, max_rank, dtype, "cpu", distribution, seed=seed,
                          b_layout="rank_major" if seed % 2 else "peft")
     weight, bias = base_layer(d_in, d_out, seed % 3 != 0, dtype, seed)
-    with kernel_config.configured(cpu_fused_linear_16bit="auto"), kernel_config.paths_taken() as taken:
+    with kernel_config.configured(cpu_fused_linear_16bit=True), kernel_config.paths_taken() as taken:
         check(inputs, weight, bias, dtype, f"AMX {dtype} T={rows} {d_in}->{d_out} {distribution} R={max_rank}")
     assert taken.get("cpu_linear_amx") == 1, taken
 

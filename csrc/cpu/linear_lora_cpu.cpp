@@ -32,11 +32,16 @@ namespace cpu {
 //
 // Dtypes: float32 always; bfloat16 and float16 by the cpu_fused_linear_16bit setting: "auto" fuses
 // them where lora_ext has the unit the library's GEMM would use or a faster one (bfloat16: the AMX
-// path where the CPU has AMX, else AVX512-BF16; float16: the AMX path, else only without
-// AVX512-FP16), "on" always, "off" never. Only with the AVX-512 kernels.
+// path where the CPU has AMX, else AVX512-BF16; float16: the AMX path from kAmxFloat16MinRows rows,
+// else only without AVX512-FP16), "on" always, "off" never. Only with the AVX-512 kernels.
 bool amx_path_on() { return setting(Setting::kCpuAmx) != 0 && amx_bf16_usable(); }
 
-bool fuses_dtype(at::ScalarType dtype) {
+// float16 on the AMX path splits every weight into two bfloat16 parts, a cost per weight whatever
+// the rows: below 9 rows ATen's AVX512-FP16 GEMM measured as fast or faster (8 rows level, 1 row
+// 10.5 against 17.7 ms per forward in the bench model; from 12 rows the AMX path is faster).
+constexpr int64_t kAmxFloat16MinRows = 9;
+
+bool fuses_dtype(at::ScalarType dtype, int64_t rows) {
   if (dtype == at::kFloat) return true;
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   switch (setting(Setting::kCpuFusedLinear16Bit)) {
@@ -45,7 +50,7 @@ bool fuses_dtype(at::ScalarType dtype) {
     case kFused16BitOff:
       return false;
     default:
-      if (dtype == at::kHalf) return amx_path_on() || !cpu_has_avx512_fp16();
+      if (dtype == at::kHalf) return (amx_path_on() && rows >= kAmxFloat16MinRows) || !cpu_has_avx512_fp16();
       return cpu_has_amx_bf16() ? amx_path_on() : cpu_has_avx512_bf16();
   }
 }
@@ -59,7 +64,7 @@ int64_t fused_row_limit(at::ScalarType dtype) {
 bool linear_lora_fuses(int64_t rows, int64_t d_in, at::ScalarType dtype) {
   const int64_t max_rows = fused_row_limit(dtype);
   const bool shape = rows <= std::min<int64_t>(32, max_rows) || (rows <= max_rows && d_in <= 4096);
-  return shape && fuses_dtype(dtype) && setting(Setting::kCpuFusedLinear) != 0 && cpu_has_avx512() &&
+  return shape && fuses_dtype(dtype, rows) && setting(Setting::kCpuFusedLinear) != 0 && cpu_has_avx512() &&
          !portable_forced();
 }
 
