@@ -21,7 +21,7 @@ enum class Setting : int {
   kCpuAvx512Bf16,    // "on"/"off": bfloat16 shrink with AVX512-BF16 dot products where present
   kCpuFusedLinear16Bit,  // "auto"/"on"/"off": whether bfloat16 and float16 take the fused path too
   kCpuFusedLinearMaxRows,  // the fused path's row limit (over 32 only when d_in <= 4096); 0: by dtype and CPU
-  kCpuAmx,           // "on"/"off": bfloat16 fused on the AMX tile unit where the CPU and OS allow it
+  kCpuAmx,           // "on"/"off": bfloat16 and float16 fused on the AMX tile unit where the CPU and OS allow it
   kCudaKernel,       // "auto", "simt" (CUDA cores) or "mma" (tensor cores, float16/bfloat16)
   kCount,
 };
@@ -43,7 +43,7 @@ enum class KernelPath : int {
   kCpuGemmBatched,      // ... of them, slots with equal row counts and ranks as batched GEMMs
   kCpuLinearFused,      // linear_lora: lora_ext's GEMM and the items in one parallel region
   kCpuLinearUnfused,    // linear_lora: ATen's linear, then the deltas
-  kCpuLinearAmx,        // ... of the fused calls, bfloat16 on the AMX tile unit (amx_linear.h)
+  kCpuLinearAmx,        // ... of the fused calls, bfloat16/float16 on the AMX tile unit (amx_linear.h)
   kCudaSimt,            // CUDA cores (decode kernels)
   kCudaMma,             // tensor cores (prefill kernels)
   kCount,

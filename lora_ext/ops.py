@@ -86,7 +86,7 @@ def linear_lora(x, weight, bias, lora_a, lora_b, slot_ids, scales=None, ranks=No
     weight: (d_out, d_in) and bias: (d_out,) or None, in x's dtype (nn.Linear's parameters); the
     other arguments as in lora_delta. On CPU, decode batches (where
     lora_ext.kernel_config.linear_lora_fuses says so) run the base GEMM and the deltas in one
-    parallel region (bfloat16 on the AMX tile unit where the CPU has it); other cases run ATen's
+    parallel region (bfloat16 and float16 on the AMX tile unit where the CPU has it); other cases run ATen's
     linear, then add_lora_. The result is the same either way, up to float32 rounding of the sums.
     """
     if _use_native():

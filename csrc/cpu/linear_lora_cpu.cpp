@@ -150,6 +150,14 @@ AmxLoraArgs amx_lora_args(const LoraCall& call, const int32_t* plan, const PlanL
   return args;
 }
 
+// The base layer's GEMM into `out`, a fresh (rows, d_out) tensor.
+BaseGemmArgs base_gemm_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            at::Tensor& out, const LoraSizes& sizes) {
+  return BaseGemmArgs{x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
+                      bias ? bias->data_ptr() : nullptr, out.data_ptr(), out.stride(0),
+                      sizes.rows, sizes.d_out, sizes.d_in, x.scalar_type()};
+}
+
 at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& slot_ids,
                            const c10::optional<at::Tensor>& scales, const c10::optional<at::Tensor>& ranks,
@@ -164,16 +172,11 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const PlanLayout layout{sizes.rows, sizes.slots};
   const int32_t* order = plan.data_ptr<int32_t>() + layout.order();
   const LoraCall call{x, lora_a, lora_b, out, scales, ranks, sizes, /*accumulate=*/true};
-  const BaseGemmArgs gemm{x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
-                          bias ? bias->data_ptr() : nullptr, nullptr, sizes.d_out,
-                          sizes.rows, sizes.d_out, sizes.d_in, x.scalar_type()};
   if (amx_linear_fits(x, weight, bias, lora_a, sizes)) {
     out = at::empty({sizes.rows, sizes.d_out}, x.options());
     count_path(KernelPath::kCpuLinearFused);
     count_path(KernelPath::kCpuLinearAmx);
-    BaseGemmArgs into_out = gemm;
-    into_out.out = out.data_ptr();
-    amx_linear_lora(into_out, amx_lora_args(call, plan.data_ptr<int32_t>(), layout));
+    amx_linear_lora(base_gemm_args(x, weight, bias, out, sizes), amx_lora_args(call, plan.data_ptr<int32_t>(), layout));
     return out;
   }
   const Work work = collect_work(call, plan.data_ptr<int32_t>() + layout.offsets(), layout);
@@ -188,11 +191,9 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     return out;
   }
   out = at::empty({sizes.rows, sizes.d_out}, x.options());
-  BaseGemmArgs into_out = gemm;
-  into_out.out = out.data_ptr();
   count_path(KernelPath::kCpuLinearFused);
   if (!work.items.empty()) count_path(kernels.path);
-  run_fused_linear(into_out, call, order, work.items, kernels);
+  run_fused_linear(base_gemm_args(x, weight, bias, out, sizes), call, order, work.items, kernels);
   return out;
 }
 
