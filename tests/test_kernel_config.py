@@ -41,6 +41,7 @@ def test_settings_round_trip_and_restore():
     (dict(cpu_isa="portable", cpu_gemm_min_rows=-3), r"'cpu_gemm_min_rows' is '-3'"),
     (dict(cpu_fused_linear_16bit="maybe"), r"'cpu_fused_linear_16bit' is 'maybe' but must be one of 'auto', 'on', 'off'"),
     (dict(cpu_fused_linear_max_rows=-1), r"'cpu_fused_linear_max_rows' is '-1' but must be an integer >= 0"),
+    (dict(cpu_amx="auto"), r"'cpu_amx' is 'auto' but must be one of 'off', 'on'"),
 ])
 def test_bad_settings_refused_and_nothing_changes(changes, message):
     before = kernel_config.settings()
