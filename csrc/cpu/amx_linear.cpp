@@ -495,15 +495,44 @@ void delta_rows(const Shared& s, const AmxSegment& seg, const ColumnSums& c, int
   }
 }
 
+// How far ahead, in chunks of 16 columns, step 3 asks for B's lines. A thread's part of a rank's row
+// of B is a short stream (12 to 32 lines in the bench model), too short for the hardware prefetcher
+// to ramp up on before it ends; 8 chunks ahead along the thread's sequence of (segment, chunk),
+// crossing into the next segment's rows, cut the deltas step by a quarter to a third at 32-64
+// adapters (16 ahead: less; benchmarks/NOTES.md).
+constexpr int64_t kDeltaPrefetchChunks = 8;
+
+// Asks for the lines of B's rank-major rows that chunk `chunk` + kDeltaPrefetchChunks of segment
+// `segment` will read (the next segment's once past this one's columns), once per line.
+template <typename T>
+void prefetch_b_ahead(const Shared& s, const ColumnSums& c, size_t segment, int64_t chunk) {
+  const int64_t chunks = (c.n_end - c.n_begin + kTile - 1) / kTile;
+  int64_t ahead = chunk + kDeltaPrefetchChunks;
+  if (ahead >= chunks) {
+    ahead -= chunks;
+    ++segment;
+  }
+  if (s.lora.b_out_stride != 1 || segment >= s.lora.segments.size() || ahead >= chunks) return;
+  const AmxSegment& seg = s.lora.segments[segment];
+  const T* b = static_cast<const T*>(seg.b) + c.n_begin + ahead * kTile;
+  const bool new_line = ahead == 0 || (reinterpret_cast<uintptr_t>(b) & 63) < kTile * sizeof(T);
+  if (!new_line) return;
+  for (int64_t r = 0; r < seg.rank; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + r * s.lora.b_rank_stride), _MM_HINT_T0);
+  }
+}
+
 // Step 3's deltas, one segment at a time along the thread's columns, so that each of its ranks'
 // rows of B streams through memory in order; every output is rounded and stored once.
 template <typename T>
 void add_deltas_and_store(const Shared& s, const ColumnSums& c, float* bw) {
   int64_t done = 0;  // rows of the plan's order stored so far
-  for (const AmxSegment& seg : s.lora.segments) {
+  for (size_t i = 0; i < s.lora.segments.size(); ++i) {
+    const AmxSegment& seg = s.lora.segments[i];
     store_rows<T>(s, done, seg.first, c);
     const int64_t end = seg.first + seg.count;
     for (int64_t n0 = c.n_begin; n0 < c.n_end; n0 += kTile) {
+      prefetch_b_ahead<T>(s, c, i, (n0 - c.n_begin) / kTile);
       widen_b<T>(s, seg, n0, bw);
       int64_t m = seg.first;
       for (; m + 8 <= end; m += 8) delta_rows<T, 8>(s, seg, c, m, n0, bw);
