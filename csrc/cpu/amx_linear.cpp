@@ -26,6 +26,7 @@
 
 #include "cpu/avx512_isa.h"
 #include "cpu/item_kernels.h"
+#include "cpu/rows_prefetch.h"
 #include "cpu/work.h"
 
 // The tile intrinsics need GCC 11 or Clang 12; the OS permission request is Linux's.
@@ -282,10 +283,11 @@ class RowTiles {
 // step; float16: hi.hi + hi.lo + lo.hi.
 template <typename T>
 void left_times_blocks(const Shared& s, const RowTiles<T>& left, int64_t block, bool two,
-                       float (&sums)[2][kTile][kTile]) {
+                       float (&sums)[2][kTile][kTile], RowsPrefetch next = {}) {
   _tile_zero(0);
   _tile_zero(1);
   for (int64_t step = 0; step < s.steps; ++step) {
+    next.step();
     _tile_loadd(2, left.at(step), left.stride_bytes(step));
     _tile_loadd(4, s.packed(block, step), kTileBytes);
     _tile_dpbf16ps(0, 2, 4);
@@ -308,6 +310,16 @@ void left_times_blocks(const Shared& s, const RowTiles<T>& left, int64_t block, 
   _tile_stored(0, sums[0], kTileBytes);
   _tile_stored(1, sums[1], kTileBytes);
   compiler_barrier();
+}
+
+// Step 3's share of the next weight rows (from column n0, up to n_end, as many as one pass over
+// them reads) that the pass over the pair of row blocks `pass` asks for (rows_prefetch.h).
+RowsPrefetch next_weights(const Shared& s, int64_t n0, int64_t n_end, int64_t pass) {
+  const BaseGemmArgs& g = s.g;
+  const int64_t elem = static_cast<int64_t>(c10::elementSize(g.dtype));
+  const int64_t rows = std::min<int64_t>(std::min(n_end, g.n) - n0, kTile * (g.dtype == c10::ScalarType::Half ? 1 : 2));
+  const char* first = static_cast<const char*>(g.w) + std::min(n0, g.n) * g.w_row_stride * elem;
+  return RowsPrefetch(first, rows, g.w_row_stride * elem, g.k * elem, pass, (s.blocks + 1) / 2, s.steps);
 }
 
 // Step 2 for 16 ranks from r0 of one segment.
@@ -392,11 +404,13 @@ void base_columns_bf16(const Shared& s, int64_t begin, int64_t end, bf16* scratc
     const RowTiles<bf16> w1(w + c1 * g.w_row_stride, g.w_row_stride, g.n - c1, g.n - c1, g.k, s.steps, scratch + operand);
     for (int64_t block = 0; block < s.blocks; block += 2) {
       const bool two_rows = block + 1 < s.blocks;
+      RowsPrefetch next = next_weights(s, (col + 2) * kTile, end * kTile, block / 2);
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t step = 0; step < s.steps; ++step) {
+        next.step();
         _tile_loadd(4, w0.at(step), w0.stride_bytes(step));
         _tile_loadd(6, s.packed(block, step), kTileBytes);
         _tile_dpbf16ps(0, 4, 6);
@@ -438,7 +452,7 @@ void base_columns_f16(const Shared& s, int64_t begin, int64_t end, bf16* scratch
     for (int64_t block = 0; block < s.blocks; block += 2) {
       const bool two_rows = block + 1 < s.blocks;
       alignas(64) float sums[2][kTile][kTile];
-      left_times_blocks(s, w0, block, two_rows, sums);
+      left_times_blocks(s, w0, block, two_rows, sums, next_weights(s, n0 + kTile, end * kTile, block / 2));
       store_tile<T>(s, sums[0], n0, block, c);
       if (two_rows) store_tile<T>(s, sums[1], n0, block + 1, c);
     }

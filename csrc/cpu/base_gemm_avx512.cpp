@@ -11,6 +11,7 @@
 
 #include "cpu/avx512_isa.h"
 #include "cpu/item_kernels.h"
+#include "cpu/rows_prefetch.h"
 
 #ifdef LORA_EXT_HAVE_AVX512
 #include "cpu/avx512_begin.h"
@@ -70,31 +71,8 @@ __attribute__((always_inline)) inline void widening_step(Tile<T, MB, NB>& t, int
   }
 }
 
-// The lines of the next tile's weight rows that one tile (one pass over its rows of x) asks for,
-// `per_step` at each step along k, so that the next tile finds its weights in L1 instead of
-// waiting on memory at every row of its first pass (base_gemm_columns).
-struct WeightPrefetch {
-  const char* row;      // the row of the next tile's weights this pass continues in
-  int64_t row_stride;   // bytes between its rows
-  int64_t row_bytes;    // bytes of one row holding its k values, rounded up to whole lines
-  int64_t offset;       // where in `row` the next line starts
-  int64_t lines;        // lines this pass still asks for
-  int64_t per_step;
-
-  __attribute__((always_inline)) inline void step() {
-    for (int64_t i = 0; i < per_step && lines > 0; ++i, --lines) {
-      _mm_prefetch(row + offset, _MM_HINT_T0);
-      offset += 64;
-      if (offset == row_bytes) {
-        offset = 0;
-        row += row_stride;
-      }
-    }
-  }
-};
-
 template <typename T, int MB, int NB>
-void widening_tile(const BaseGemmArgs& g, int64_t m0, int64_t n0, WeightPrefetch pf) {
+void widening_tile(const BaseGemmArgs& g, int64_t m0, int64_t n0, RowsPrefetch pf) {
   Tile<T, MB, NB> t(g, m0, n0);
   int64_t k = 0;
   for (; k + 16 <= g.k; k += 16) {
@@ -123,7 +101,7 @@ LORA_EXT_BF16_TARGET __attribute__((always_inline)) inline void dot_step(Tile<c1
 }
 
 template <int MB, int NB>
-LORA_EXT_BF16_TARGET void dot_tile(const BaseGemmArgs& g, int64_t m0, int64_t n0, WeightPrefetch pf) {
+LORA_EXT_BF16_TARGET void dot_tile(const BaseGemmArgs& g, int64_t m0, int64_t n0, RowsPrefetch pf) {
   Tile<c10::BFloat16, MB, NB> t(g, m0, n0);
   int64_t k = 0;
   for (; k + 32 <= g.k; k += 32) {
@@ -136,7 +114,7 @@ LORA_EXT_BF16_TARGET void dot_tile(const BaseGemmArgs& g, int64_t m0, int64_t n0
 
 #undef LORA_EXT_BF16_TARGET
 
-using TileFn = void (*)(const BaseGemmArgs&, int64_t, int64_t, WeightPrefetch);
+using TileFn = void (*)(const BaseGemmArgs&, int64_t, int64_t, RowsPrefetch);
 using TileTable = std::array<std::array<TileFn, kGemmTileCols>, kGemmTileRows>;  // [rows - 1][cols - 1]
 
 template <typename T, bool kDot, int MB, int NB>
@@ -180,25 +158,21 @@ const TileTable& tiles_for(const BaseGemmArgs& g) {
 }  // namespace
 
 // Tiles of kGemmTileCols columns in turn, each over every row block of x: the first pass of a
-// tile reads its weight rows from memory, the later ones from L1. Meanwhile each pass asks for
-// its share of the next tile's weight rows (WeightPrefetch), so no pass waits on memory; in the
-// bench model, float32 decode 2-3 ms per forward faster (benchmarks/NOTES.md).
+// tile reads its weight rows from memory, the later ones from L1; meanwhile each pass asks for its
+// share of the next tile's weight rows (rows_prefetch.h).
 void base_gemm_columns(const BaseGemmArgs& g, int64_t n_begin, int64_t n_end) {
   const TileTable& tiles = tiles_for(g);
   const int64_t elem = static_cast<int64_t>(c10::elementSize(g.dtype));
-  const int64_t row_lines = (g.k * elem + 63) / 64;
-  const int64_t steps = std::max<int64_t>(1, g.k / (uses_dot_tiles(g) ? 32 : 16));  // full steps of k per pass
+  const int64_t steps = g.k / (uses_dot_tiles(g) ? 32 : 16);  // full steps of k per pass
   const int64_t passes = (g.m + kGemmTileRows - 1) / kGemmTileRows;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kGemmTileCols) {
     const int64_t cols = std::min<int64_t>(kGemmTileCols, n_end - n0);
-    const int64_t next = n0 + kGemmTileCols;
-    const int64_t lines = std::max<int64_t>(0, std::min<int64_t>(kGemmTileCols, n_end - next)) * row_lines;
-    const char* next_rows = static_cast<const char*>(g.w) + std::min(next, n_end) * g.w_row_stride * elem;
+    const int64_t next = std::min(n0 + kGemmTileCols, n_end);
+    const char* next_rows = static_cast<const char*>(g.w) + next * g.w_row_stride * elem;
     for (int64_t pass = 0; pass < passes; ++pass) {
       const int64_t m0 = pass * kGemmTileRows, rows = std::min<int64_t>(kGemmTileRows, g.m - m0);
-      const int64_t first = lines * pass / passes, count = lines * (pass + 1) / passes - first;
-      const WeightPrefetch pf{next_rows + first / row_lines * g.w_row_stride * elem, g.w_row_stride * elem,
-                              row_lines * 64, first % row_lines * 64, count, (count + steps - 1) / steps};
+      const RowsPrefetch pf(next_rows, std::min<int64_t>(kGemmTileCols, n_end - next), g.w_row_stride * elem,
+                            g.k * elem, pass, passes, steps);
       tiles[rows - 1][cols - 1](g, m0, n0, pf);
     }
   }
