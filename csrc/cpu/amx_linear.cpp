@@ -536,31 +536,119 @@ void prefetch_b_ahead(const Shared& s, const ColumnSums& c, size_t segment, int6
   }
 }
 
+// Segments of up to this many rows take their deltas with B read and widened in registers
+// (delta_rows_direct) rather than copied to float32 first (widen_b, delta_rows): so few rows
+// would use the copy once or twice. Paired A/B in the bench model: bfloat16 -0.3 to -0.6 ms per
+// forward at 32 adapters, -0.6 to -1.4 at 64; float16 -0.6 to -1.6 at 64 (benchmarks/NOTES.md).
+constexpr int64_t kDirectRows = 2;
+
+// Rows m0 .. m0 + NR of a segment of few rows, 16 NV columns from n0: the sums plus
+// sum_r h[m, r] B[r, n], B read in registers (rank-major B only), each output rounded once.
+template <typename T, int NR, int NV>
+void delta_rows_direct(const Shared& s, const AmxSegment& seg, const ColumnSums& c, int64_t m0, int64_t n0) {
+  constexpr int NP = NR * NV >= 8 ? 1 : 8 / (NR * NV);
+  const T* b = static_cast<const T*>(seg.b) + n0;
+  const int64_t stride = s.lora.b_rank_stride;
+  __mmask16 mask[NV];
+  __m512 acc[NR][NV][NP];
+  const float* h[NR];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) mask[v] = first_lanes(c.n_end - n0 - v * kTile);
+#pragma GCC unroll 2
+  for (int i = 0; i < NR; ++i) {
+    h[i] = s.h + (m0 + i) * s.h_stride;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[i][v][0] = _mm512_load_ps(c.at(m0 + i, n0 + v * kTile));
+#pragma GCC unroll 8
+      for (int p = 1; p < NP; ++p) acc[i][v][p] = _mm512_setzero_ps();
+    }
+  }
+  auto rank_step = [&](int64_t r, int p) __attribute__((always_inline)) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = avx512::load_16_lanes(b + r * stride + v * kTile, mask[v]);
+#pragma GCC unroll 2
+    for (int i = 0; i < NR; ++i) {
+      const __m512 hv = _mm512_set1_ps(h[i][r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v][p] = _mm512_fmadd_ps(hv, bv[v], acc[i][v][p]);
+    }
+  };
+  int64_t r = 0;
+  for (; r + NP <= seg.rank; r += NP) {
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) rank_step(r + p, p);
+  }
+  for (; r < seg.rank; ++r) rank_step(r, 0);
+#pragma GCC unroll 2
+  for (int i = 0; i < NR; ++i) {
+    T* out = static_cast<T*>(s.g.out) + s.lora.order[m0 + i] * s.g.out_row_stride + n0;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+#pragma GCC unroll 8
+      for (int p = 1; p < NP; ++p) acc[i][v][0] = _mm512_add_ps(acc[i][v][0], acc[i][v][p]);
+      avx512::store_16_lanes(out + v * kTile, acc[i][v][0], mask[v]);
+    }
+  }
+}
+
+// The deltas of segment `segment`'s NR rows (NR <= kDirectRows) along the thread's columns, 64 at a time.
+template <typename T, int NR>
+void direct_deltas(const Shared& s, size_t segment, const ColumnSums& c) {
+  const AmxSegment& seg = s.lora.segments[segment];
+  constexpr int kVectors = 4;
+  int64_t n0 = c.n_begin;
+  for (; n0 + kVectors * kTile <= c.n_end; n0 += kVectors * kTile) {
+    for (int v = 0; v < kVectors; ++v) prefetch_b_ahead<T>(s, c, segment, (n0 - c.n_begin) / kTile + v);
+    delta_rows_direct<T, NR, kVectors>(s, seg, c, seg.first, n0);
+  }
+  for (; n0 < c.n_end; n0 += kTile) {
+    prefetch_b_ahead<T>(s, c, segment, (n0 - c.n_begin) / kTile);
+    delta_rows_direct<T, NR, 1>(s, seg, c, seg.first, n0);
+  }
+}
+
+// The deltas of segment `segment`'s rows along the thread's columns, 16 at a time, through a
+// float32 copy of B's chunk (bw) that every block of 8/4/2/1 rows reads.
+template <typename T>
+void widened_deltas(const Shared& s, size_t segment, const ColumnSums& c, float* bw) {
+  const AmxSegment& seg = s.lora.segments[segment];
+  const int64_t end = seg.first + seg.count;
+  for (int64_t n0 = c.n_begin; n0 < c.n_end; n0 += kTile) {
+    prefetch_b_ahead<T>(s, c, segment, (n0 - c.n_begin) / kTile);
+    widen_b<T>(s, seg, n0, bw);
+    int64_t m = seg.first;
+    for (; m + 8 <= end; m += 8) delta_rows<T, 8>(s, seg, c, m, n0, bw);
+    if (m + 4 <= end) {
+      delta_rows<T, 4>(s, seg, c, m, n0, bw);
+      m += 4;
+    }
+    if (m + 2 <= end) {
+      delta_rows<T, 2>(s, seg, c, m, n0, bw);
+      m += 2;
+    }
+    if (m < end) delta_rows<T, 1>(s, seg, c, m, n0, bw);
+  }
+}
+
 // Step 3's deltas, one segment at a time along the thread's columns, so that each of its ranks'
 // rows of B streams through memory in order; every output is rounded and stored once.
 template <typename T>
 void add_deltas_and_store(const Shared& s, const ColumnSums& c, float* bw) {
+  static_assert(kDirectRows == 2, "one instantiation of direct_deltas per row count");
   int64_t done = 0;  // rows of the plan's order stored so far
   for (size_t i = 0; i < s.lora.segments.size(); ++i) {
     const AmxSegment& seg = s.lora.segments[i];
     store_rows<T>(s, done, seg.first, c);
-    const int64_t end = seg.first + seg.count;
-    for (int64_t n0 = c.n_begin; n0 < c.n_end; n0 += kTile) {
-      prefetch_b_ahead<T>(s, c, i, (n0 - c.n_begin) / kTile);
-      widen_b<T>(s, seg, n0, bw);
-      int64_t m = seg.first;
-      for (; m + 8 <= end; m += 8) delta_rows<T, 8>(s, seg, c, m, n0, bw);
-      if (m + 4 <= end) {
-        delta_rows<T, 4>(s, seg, c, m, n0, bw);
-        m += 4;
-      }
-      if (m + 2 <= end) {
-        delta_rows<T, 2>(s, seg, c, m, n0, bw);
-        m += 2;
-      }
-      if (m < end) delta_rows<T, 1>(s, seg, c, m, n0, bw);
+    if (seg.count == 1 && s.lora.b_out_stride == 1) {
+      direct_deltas<T, 1>(s, i, c);
+    } else if (seg.count == 2 && s.lora.b_out_stride == 1) {
+      direct_deltas<T, 2>(s, i, c);
+    } else {
+      widened_deltas<T>(s, i, c, bw);
     }
-    done = end;
+    done = seg.first + seg.count;
   }
   store_rows<T>(s, done, s.g.m, c);
 }
