@@ -7,10 +7,13 @@
 //     (slot, 16 ranks).
 //  3. Base and deltas, by blocks of 16 output columns split over threads: the base GEMM computed
 //     transposed, (W x^T) tiles of 16 columns x 16 rows with W's rows read straight from memory
-//     as the left operand (the weight is never repacked); each finished tile is transposed in
-//     registers and kept, with the bias, as float32 for the thread's columns. Then, one slot at a
-//     time along those columns (B's rows stream in order), each row's delta sum_r h[row, r] B[n, r]
-//     is added with float32 FMAs and the row is rounded to the output dtype once.
+//     as the left operand (the weight is never repacked), each pass over the row blocks asking for
+//     its share of the next column blocks' weight rows (rows_prefetch.h); each finished tile is
+//     transposed in registers and kept, with the bias, as float32 for the thread's columns. Then,
+//     one slot at a time along those columns (B's rank-major rows stream in order, their lines
+//     asked for ahead), each row's delta sum_r h[row, r] B[n, r] is added with float32 FMAs (B
+//     loaded straight into registers for slots of 1-2 rows, through a float32 copy of each chunk
+//     for more) and the row is rounded to the output dtype once.
 // float16 runs every tile product as three on bfloat16 parts (split_halves below).
 // Tiles, all 16 rows x 64 bytes: float32 sums in 0-3 (bfloat16 base GEMM: 2 column x 2 row blocks)
 // or 0-1 (the shrink, float16: 2 row blocks), left operands (W or A; float16: high and low parts)
@@ -312,14 +315,10 @@ void left_times_blocks(const Shared& s, const RowTiles<T>& left, int64_t block, 
   compiler_barrier();
 }
 
-// Step 3's share of the next weight rows (from column n0, up to n_end, as many as one pass over
-// them reads) that the pass over the pair of row blocks `pass` asks for (rows_prefetch.h).
-RowsPrefetch next_weights(const Shared& s, int64_t n0, int64_t n_end, int64_t pass) {
-  const BaseGemmArgs& g = s.g;
-  const int64_t elem = static_cast<int64_t>(c10::elementSize(g.dtype));
-  const int64_t rows = std::min<int64_t>(std::min(n_end, g.n) - n0, kTile * (g.dtype == c10::ScalarType::Half ? 1 : 2));
-  const char* first = static_cast<const char*>(g.w) + std::min(n0, g.n) * g.w_row_stride * elem;
-  return RowsPrefetch(first, rows, g.w_row_stride * elem, g.k * elem, pass, (s.blocks + 1) / 2, s.steps);
+// What the pass over the pair of row blocks from `block` asks for of the next weight rows
+// [n_begin, n_end) (rows_prefetch.h): one of the passes over them.
+RowsPrefetch next_weights(const Shared& s, int64_t n_begin, int64_t n_end, int64_t block) {
+  return next_weight_rows(s.g, n_begin, n_end, block / 2, (s.blocks + 1) / 2, s.steps);
 }
 
 // Step 2 for 16 ranks from r0 of one segment.
@@ -404,7 +403,7 @@ void base_columns_bf16(const Shared& s, int64_t begin, int64_t end, bf16* scratc
     const RowTiles<bf16> w1(w + c1 * g.w_row_stride, g.w_row_stride, g.n - c1, g.n - c1, g.k, s.steps, scratch + operand);
     for (int64_t block = 0; block < s.blocks; block += 2) {
       const bool two_rows = block + 1 < s.blocks;
-      RowsPrefetch next = next_weights(s, (col + 2) * kTile, end * kTile, block / 2);
+      RowsPrefetch next = next_weights(s, n0 + 2 * kTile, std::min(n0 + 4 * kTile, c.n_end), block);
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
@@ -452,7 +451,7 @@ void base_columns_f16(const Shared& s, int64_t begin, int64_t end, bf16* scratch
     for (int64_t block = 0; block < s.blocks; block += 2) {
       const bool two_rows = block + 1 < s.blocks;
       alignas(64) float sums[2][kTile][kTile];
-      left_times_blocks(s, w0, block, two_rows, sums, next_weights(s, n0 + kTile, end * kTile, block / 2));
+      left_times_blocks(s, w0, block, two_rows, sums, next_weights(s, n0 + kTile, std::min(n0 + 2 * kTile, c.n_end), block));
       store_tile<T>(s, sums[0], n0, block, c);
       if (two_rows) store_tile<T>(s, sums[1], n0, block + 1, c);
     }
@@ -511,13 +510,14 @@ void delta_rows(const Shared& s, const AmxSegment& seg, const ColumnSums& c, int
 
 // How far ahead, in chunks of 16 columns, step 3 asks for B's lines. A thread's part of a rank's row
 // of B is a short stream (12 to 32 lines in the bench model), too short for the hardware prefetcher
-// to ramp up on before it ends; 8 chunks ahead along the thread's sequence of (segment, chunk),
-// crossing into the next segment's rows, cut the deltas step by a quarter to a third at 32-64
-// adapters (16 ahead: less; benchmarks/NOTES.md).
+// to ramp up on before it ends; asked for ahead along the thread's sequence of (segment, chunk),
+// crossing into the next segment's rows, the deltas step measured a quarter to a third faster at
+// 32-64 adapters (16 ahead: less; benchmarks/NOTES.md).
 constexpr int64_t kDeltaPrefetchChunks = 8;
 
 // Asks for the lines of B's rank-major rows that chunk `chunk` + kDeltaPrefetchChunks of segment
-// `segment` will read (the next segment's once past this one's columns), once per line.
+// `segment` will read (the next segment's once past this one's columns), when that chunk starts a
+// new line of rank 0's row (about once per line: the rows' alignments may differ).
 template <typename T>
 void prefetch_b_ahead(const Shared& s, const ColumnSums& c, size_t segment, int64_t chunk) {
   const int64_t chunks = (c.n_end - c.n_begin + kTile - 1) / kTile;
@@ -536,14 +536,15 @@ void prefetch_b_ahead(const Shared& s, const ColumnSums& c, size_t segment, int6
   }
 }
 
-// Segments of up to this many rows take their deltas with B read and widened in registers
-// (delta_rows_direct) rather than copied to float32 first (widen_b, delta_rows): so few rows
-// would use the copy once or twice. Paired A/B in the bench model: bfloat16 -0.3 to -0.6 ms per
-// forward at 32 adapters, -0.6 to -1.4 at 64; float16 -0.6 to -1.6 at 64 (benchmarks/NOTES.md).
+// Segments of up to this many rows take their deltas with B loaded and widened in registers
+// (delta_rows_direct) rather than through a float32 copy of each chunk (widen_b, delta_rows), which
+// so few rows would read once or twice; measured faster at 32-64 adapters, and slower for 4-row
+// slots (benchmarks/NOTES.md).
 constexpr int64_t kDirectRows = 2;
 
-// Rows m0 .. m0 + NR of a segment of few rows, 16 NV columns from n0: the sums plus
-// sum_r h[m, r] B[r, n], B read in registers (rank-major B only), each output rounded once.
+// Rows [m0, m0 + NR) of a segment of few rows, 16 * NV columns from n0: the sums plus
+// sum_r h[m, r] B[r, n] with B (rank-major) loaded and widened in registers, each output rounded
+// once.
 template <typename T, int NR, int NV>
 void delta_rows_direct(const Shared& s, const AmxSegment& seg, const ColumnSums& c, int64_t m0, int64_t n0) {
   constexpr int NP = NR * NV >= 8 ? 1 : 8 / (NR * NV);
@@ -593,7 +594,8 @@ void delta_rows_direct(const Shared& s, const AmxSegment& seg, const ColumnSums&
   }
 }
 
-// The deltas of segment `segment`'s NR rows (NR <= kDirectRows) along the thread's columns, 64 at a time.
+// The deltas of segment `segment`'s NR rows (NR <= kDirectRows) along the thread's columns, 64 at
+// a time, then 16 at a time.
 template <typename T, int NR>
 void direct_deltas(const Shared& s, size_t segment, const ColumnSums& c) {
   const AmxSegment& seg = s.lora.segments[segment];
@@ -636,17 +638,18 @@ void widened_deltas(const Shared& s, size_t segment, const ColumnSums& c, float*
 // rows of B streams through memory in order; every output is rounded and stored once.
 template <typename T>
 void add_deltas_and_store(const Shared& s, const ColumnSums& c, float* bw) {
-  static_assert(kDirectRows == 2, "one instantiation of direct_deltas per row count");
+  static_assert(kDirectRows == 2, "one instantiation of direct_deltas per row count below");
+  const bool rank_major_b = s.lora.b_out_stride == 1;
   int64_t done = 0;  // rows of the plan's order stored so far
   for (size_t i = 0; i < s.lora.segments.size(); ++i) {
     const AmxSegment& seg = s.lora.segments[i];
     store_rows<T>(s, done, seg.first, c);
-    if (seg.count == 1 && s.lora.b_out_stride == 1) {
-      direct_deltas<T, 1>(s, i, c);
-    } else if (seg.count == 2 && s.lora.b_out_stride == 1) {
+    if (!rank_major_b || seg.count > kDirectRows) {
+      widened_deltas<T>(s, i, c, bw);
+    } else if (seg.count == 2) {
       direct_deltas<T, 2>(s, i, c);
     } else {
-      widened_deltas<T>(s, i, c, bw);
+      direct_deltas<T, 1>(s, i, c);
     }
     done = seg.first + seg.count;
   }

@@ -1,6 +1,7 @@
 // The AVX-512 base GEMM of linear_lora (see base_gemm.h): tiles of up to 4 rows x 6 columns,
 // 24 accumulators of 16-wide float32 partial sums along k, reduced once per tile. The weight rows
-// of a tile stay in L1 while every row block of x runs against them. 16-bit inputs are widened to
+// of a tile stay in cache while every row block of x runs against them, and each of those passes
+// asks for its share of the next tile's weight rows (rows_prefetch.h). 16-bit inputs are widened to
 // float32 as they load, or, for bfloat16 with AVX512-BF16, multiplied in pairs by vdpbf16ps
 // (exact products, float32 sums, 32 values of k per instruction).
 #include "cpu/base_gemm.h"
@@ -24,6 +25,8 @@ namespace {
 
 constexpr int kGemmTileRows = 4;
 constexpr int kGemmTileCols = 6;
+constexpr int64_t kWideningStepK = 16;  // values of k per step: one float32 vector
+constexpr int64_t kDotStepK = 32;       // vdpbf16ps: 16 pairs
 
 template <typename T, int MB, int NB>
 struct Tile {
@@ -75,7 +78,7 @@ template <typename T, int MB, int NB>
 void widening_tile(const BaseGemmArgs& g, int64_t m0, int64_t n0, RowsPrefetch pf) {
   Tile<T, MB, NB> t(g, m0, n0);
   int64_t k = 0;
-  for (; k + 16 <= g.k; k += 16) {
+  for (; k + kWideningStepK <= g.k; k += kWideningStepK) {
     pf.step();
     widening_step(t, k, 0xFFFF);
   }
@@ -104,7 +107,7 @@ template <int MB, int NB>
 LORA_EXT_BF16_TARGET void dot_tile(const BaseGemmArgs& g, int64_t m0, int64_t n0, RowsPrefetch pf) {
   Tile<c10::BFloat16, MB, NB> t(g, m0, n0);
   int64_t k = 0;
-  for (; k + 32 <= g.k; k += 32) {
+  for (; k + kDotStepK <= g.k; k += kDotStepK) {
     pf.step();
     dot_step(t, k, ~__mmask32{0});
   }
@@ -158,22 +161,19 @@ const TileTable& tiles_for(const BaseGemmArgs& g) {
 }  // namespace
 
 // Tiles of kGemmTileCols columns in turn, each over every row block of x: the first pass of a
-// tile reads its weight rows from memory, the later ones from L1; meanwhile each pass asks for its
+// tile reads its weight rows from memory, the later ones from cache; meanwhile each pass asks for its
 // share of the next tile's weight rows (rows_prefetch.h).
 void base_gemm_columns(const BaseGemmArgs& g, int64_t n_begin, int64_t n_end) {
   const TileTable& tiles = tiles_for(g);
-  const int64_t elem = static_cast<int64_t>(c10::elementSize(g.dtype));
-  const int64_t steps = g.k / (uses_dot_tiles(g) ? 32 : 16);  // full steps of k per pass
+  const int64_t steps = g.k / (uses_dot_tiles(g) ? kDotStepK : kWideningStepK);  // full steps per pass
   const int64_t passes = (g.m + kGemmTileRows - 1) / kGemmTileRows;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kGemmTileCols) {
     const int64_t cols = std::min<int64_t>(kGemmTileCols, n_end - n0);
-    const int64_t next = std::min(n0 + kGemmTileCols, n_end);
-    const char* next_rows = static_cast<const char*>(g.w) + next * g.w_row_stride * elem;
+    const int64_t next = n0 + kGemmTileCols;
     for (int64_t pass = 0; pass < passes; ++pass) {
       const int64_t m0 = pass * kGemmTileRows, rows = std::min<int64_t>(kGemmTileRows, g.m - m0);
-      const RowsPrefetch pf(next_rows, std::min<int64_t>(kGemmTileCols, n_end - next), g.w_row_stride * elem,
-                            g.k * elem, pass, passes, steps);
-      tiles[rows - 1][cols - 1](g, m0, n0, pf);
+      tiles[rows - 1][cols - 1](g, m0, n0,
+                                next_weight_rows(g, next, std::min(next + kGemmTileCols, n_end), pass, passes, steps));
     }
   }
 }
