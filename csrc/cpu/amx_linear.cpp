@@ -469,45 +469,6 @@ void store_rows(const Shared& s, int64_t begin, int64_t end, const ColumnSums& c
   }
 }
 
-// Rows m0 .. m0 + NR of one segment, 16 columns from n0: the sums plus sum_r h[m, r] bw[r], rounded
-// and stored once. NR rows x NP partial sums over the ranks keep eight FMA chains apart, so the FMAs
-// wait on throughput rather than each one's latency.
-template <typename T, int NR>
-void delta_rows(const Shared& s, const AmxSegment& seg, const ColumnSums& c, int64_t m0, int64_t n0,
-                const float* bw) {
-  constexpr int NP = NR >= 8 ? 1 : 8 / NR;
-  __m512 acc[NR][NP];
-  const float* h[NR];
-#pragma GCC unroll 8
-  for (int i = 0; i < NR; ++i) {
-    h[i] = s.h + (m0 + i) * s.h_stride;
-    acc[i][0] = _mm512_load_ps(c.at(m0 + i, n0));
-#pragma GCC unroll 8
-    for (int p = 1; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
-  }
-  int64_t j = 0;
-  for (; j + NP <= seg.rank; j += NP) {
-#pragma GCC unroll 8
-    for (int p = 0; p < NP; ++p) {
-      const __m512 b = _mm512_load_ps(bw + (j + p) * kTile);
-#pragma GCC unroll 8
-      for (int i = 0; i < NR; ++i) acc[i][p] = _mm512_fmadd_ps(_mm512_set1_ps(h[i][j + p]), b, acc[i][p]);
-    }
-  }
-  for (; j < seg.rank; ++j) {
-    const __m512 b = _mm512_load_ps(bw + j * kTile);
-#pragma GCC unroll 8
-    for (int i = 0; i < NR; ++i) acc[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(h[i][j]), b, acc[i][0]);
-  }
-  const __mmask16 cols = first_lanes(c.n_end - n0);
-#pragma GCC unroll 8
-  for (int i = 0; i < NR; ++i) {
-#pragma GCC unroll 8
-    for (int p = 1; p < NP; ++p) acc[i][0] = _mm512_add_ps(acc[i][0], acc[i][p]);
-    avx512::store_16_lanes(static_cast<T*>(s.g.out) + s.lora.order[m0 + i] * s.g.out_row_stride + n0, acc[i][0], cols);
-  }
-}
-
 // How far ahead, in chunks of 16 columns, step 3 asks for B's lines. A thread's part of a rank's row
 // of B is a short stream (12 to 32 lines in the bench model), too short for the hardware prefetcher
 // to ramp up on before it ends; asked for ahead along the thread's sequence of (segment, chunk),
@@ -537,25 +498,26 @@ void prefetch_b_ahead(const Shared& s, const ColumnSums& c, size_t segment, int6
 }
 
 // Segments of up to this many rows take their deltas with B loaded and widened in registers
-// (delta_rows_direct) rather than through a float32 copy of each chunk (widen_b, delta_rows), which
+// (direct_deltas) rather than through a float32 copy of each chunk (widened_deltas), which
 // so few rows would read once or twice; measured faster at 32-64 adapters, and slower for 4-row
 // slots (benchmarks/NOTES.md).
 constexpr int64_t kDirectRows = 2;
 
-// Rows [m0, m0 + NR) of a segment of few rows, 16 * NV columns from n0: the sums plus
-// sum_r h[m, r] B[r, n] with B (rank-major) loaded and widened in registers, each output rounded
-// once.
-template <typename T, int NR, int NV>
-void delta_rows_direct(const Shared& s, const AmxSegment& seg, const ColumnSums& c, int64_t m0, int64_t n0) {
+// Rows [m0, m0 + NR) of one segment, 16 * NV columns from n0: the sums plus sum_r h[m, r] B[r, n]
+// with B[r, n0 + j] read as float32 from b[r * b_rank_stride + j] (BV: B's own dtype T, or the
+// float32 copy bw of the chunk), each output rounded and stored once. NR rows x NV vectors x NP
+// partial sums over the ranks keep eight FMA chains apart, so the FMAs wait on throughput rather
+// than each one's latency.
+template <typename T, int NR, int NV, typename BV>
+void delta_rows(const Shared& s, const ColumnSums& c, int64_t rank, int64_t m0, int64_t n0, const BV* b,
+                int64_t b_rank_stride) {
   constexpr int NP = NR * NV >= 8 ? 1 : 8 / (NR * NV);
-  const T* b = static_cast<const T*>(seg.b) + n0;
-  const int64_t stride = s.lora.b_rank_stride;
   __mmask16 mask[NV];
   __m512 acc[NR][NV][NP];
   const float* h[NR];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) mask[v] = first_lanes(c.n_end - n0 - v * kTile);
-#pragma GCC unroll 2
+#pragma GCC unroll 8
   for (int i = 0; i < NR; ++i) {
     h[i] = s.h + (m0 + i) * s.h_stride;
 #pragma GCC unroll 4
@@ -568,8 +530,8 @@ void delta_rows_direct(const Shared& s, const AmxSegment& seg, const ColumnSums&
   auto rank_step = [&](int64_t r, int p) __attribute__((always_inline)) {
     __m512 bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = avx512::load_16_lanes(b + r * stride + v * kTile, mask[v]);
-#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = avx512::load_16_lanes(b + r * b_rank_stride + v * kTile, mask[v]);
+#pragma GCC unroll 8
     for (int i = 0; i < NR; ++i) {
       const __m512 hv = _mm512_set1_ps(h[i][r]);
 #pragma GCC unroll 4
@@ -577,12 +539,12 @@ void delta_rows_direct(const Shared& s, const AmxSegment& seg, const ColumnSums&
     }
   };
   int64_t r = 0;
-  for (; r + NP <= seg.rank; r += NP) {
+  for (; r + NP <= rank; r += NP) {
 #pragma GCC unroll 8
     for (int p = 0; p < NP; ++p) rank_step(r + p, p);
   }
-  for (; r < seg.rank; ++r) rank_step(r, 0);
-#pragma GCC unroll 2
+  for (; r < rank; ++r) rank_step(r, 0);
+#pragma GCC unroll 8
   for (int i = 0; i < NR; ++i) {
     T* out = static_cast<T*>(s.g.out) + s.lora.order[m0 + i] * s.g.out_row_stride + n0;
 #pragma GCC unroll 4
@@ -599,15 +561,16 @@ void delta_rows_direct(const Shared& s, const AmxSegment& seg, const ColumnSums&
 template <typename T, int NR>
 void direct_deltas(const Shared& s, size_t segment, const ColumnSums& c) {
   const AmxSegment& seg = s.lora.segments[segment];
+  const T* b = static_cast<const T*>(seg.b);
   constexpr int kVectors = 4;
   int64_t n0 = c.n_begin;
   for (; n0 + kVectors * kTile <= c.n_end; n0 += kVectors * kTile) {
     for (int v = 0; v < kVectors; ++v) prefetch_b_ahead<T>(s, c, segment, (n0 - c.n_begin) / kTile + v);
-    delta_rows_direct<T, NR, kVectors>(s, seg, c, seg.first, n0);
+    delta_rows<T, NR, kVectors>(s, c, seg.rank, seg.first, n0, b + n0, s.lora.b_rank_stride);
   }
   for (; n0 < c.n_end; n0 += kTile) {
     prefetch_b_ahead<T>(s, c, segment, (n0 - c.n_begin) / kTile);
-    delta_rows_direct<T, NR, 1>(s, seg, c, seg.first, n0);
+    delta_rows<T, NR, 1>(s, c, seg.rank, seg.first, n0, b + n0, s.lora.b_rank_stride);
   }
 }
 
@@ -621,16 +584,16 @@ void widened_deltas(const Shared& s, size_t segment, const ColumnSums& c, float*
     prefetch_b_ahead<T>(s, c, segment, (n0 - c.n_begin) / kTile);
     widen_b<T>(s, seg, n0, bw);
     int64_t m = seg.first;
-    for (; m + 8 <= end; m += 8) delta_rows<T, 8>(s, seg, c, m, n0, bw);
+    for (; m + 8 <= end; m += 8) delta_rows<T, 8, 1>(s, c, seg.rank, m, n0, bw, kTile);
     if (m + 4 <= end) {
-      delta_rows<T, 4>(s, seg, c, m, n0, bw);
+      delta_rows<T, 4, 1>(s, c, seg.rank, m, n0, bw, kTile);
       m += 4;
     }
     if (m + 2 <= end) {
-      delta_rows<T, 2>(s, seg, c, m, n0, bw);
+      delta_rows<T, 2, 1>(s, c, seg.rank, m, n0, bw, kTile);
       m += 2;
     }
-    if (m < end) delta_rows<T, 1>(s, seg, c, m, n0, bw);
+    if (m < end) delta_rows<T, 1, 1>(s, c, seg.rank, m, n0, bw, kTile);
   }
 }
 
