@@ -36,7 +36,8 @@ const std::vector<SettingSpec>& specs() {
 
 constexpr const char* kPathNames[] = {
     "cpu_items_avx512", "cpu_items_avx512_bf16", "cpu_items_portable", "cpu_items_quad",
-    "cpu_items_split",  "cpu_gemm_segments",     "cpu_gemm_batched",   "cpu_linear_fused",
+    "cpu_items_split",  "cpu_gemm_segments",     "cpu_gemm_batched",   "cpu_gemm_amx",
+    "cpu_linear_fused",
     "cpu_linear_unfused", "cpu_linear_amx",
     "cuda_simt",        "cuda_mma",
 };

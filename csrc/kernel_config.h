@@ -41,6 +41,7 @@ enum class KernelPath : int {
   kCpuItemsSplit,       // items split over threads (fewer items than threads)
   kCpuGemmSegments,     // slots with many rows through ATen GEMMs (one by one or batched)
   kCpuGemmBatched,      // ... of them, slots with equal row counts and ranks as batched GEMMs
+  kCpuGemmAmx,          // ... of them, bfloat16 on the AMX tile unit instead (amx_deltas.h)
   kCpuLinearFused,      // linear_lora: lora_ext's GEMM and the items in one parallel region
   kCpuLinearUnfused,    // linear_lora: ATen's linear, then the deltas
   kCpuLinearAmx,        // ... of the fused calls, bfloat16/float16 on the AMX tile unit (amx_linear.h)

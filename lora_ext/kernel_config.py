@@ -17,9 +17,10 @@ csrc/kernel_config.cpp):
     cpu_fused_linear_max_rows [0]  the fused path takes batches of up to this many rows (more than
                                  32 only where d_in <= 4096); 0: 64 for float32 on Intel CPUs,
                                  128 otherwise
-    cpu_amx            [True]    fused bfloat16 and float16 run on the AMX tile unit where the CPU has
-                                 AMX-BF16 and the OS allows it (csrc/cpu/amx_linear.h); False: AVX-512
-                                 instead
+    cpu_amx            [True]    fused bfloat16 and float16, and the bfloat16 deltas of long
+                                 segments, run on the AMX tile unit where the CPU has AMX-BF16 and the
+                                 OS allows it (csrc/cpu/amx_linear.h, amx_deltas.h); False: AVX-512
+                                 and ATen's GEMMs instead
     cuda_kernel        ["auto"]  "simt" (CUDA cores) or "mma" (tensor cores) forces a CUDA path
 
 Each is read once from the environment variable LORA_EXT_<NAME> (for example

@@ -14,7 +14,8 @@ from lora_ext import kernel_config, ops
 from test_gradients import base_layer
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-GEMM_FROM_8_ROWS = dict(cpu_gemm_min_rows=8, cpu_backward_gemm_min_rows=8)
+# cpu_amx off: on AMX hosts bfloat16 segments run on the tile unit instead (test_amx_deltas.py)
+GEMM_FROM_8_ROWS = dict(cpu_gemm_min_rows=8, cpu_backward_gemm_min_rows=8, cpu_amx=False)
 
 # name -> (each row's slot before shuffling, each slot's rank), 6 slots of up to rank 16
 LAYOUTS = {

@@ -12,6 +12,7 @@ import lora_ext
 import test_linear_lora
 import test_ops
 from helpers import make_inputs
+from kernel_paths import HAS_AMX_BF16
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [(67, 130), (64, 1), (4097, 64), (64, 4097)]  # (d_in, d_out)
@@ -112,3 +113,20 @@ def test_wrong_gradient_fails(monkeypatch, mutation, dtype, d_in, d_out):
     monkeypatch.setattr(op_autograd, "lora_backward", wrong_backward(mutation))
     with pytest.raises(AssertionError, match="rows off|must be exact"):
         check_grads("lora_delta", inputs, f"wrong backward ({mutation})")
+
+
+# ---- bfloat16 segments on the AMX tile unit (every slot a GEMM segment) ----------------------------
+
+@pytest.mark.skipif(not HAS_AMX_BF16, reason="the AMX deltas need a CPU with AMX-BF16")
+@pytest.mark.parametrize("size", SIZES, ids=size_id)
+@pytest.mark.parametrize("mutation", [None] + list(MUTATIONS))
+def test_amx_segment_results_are_held_to_the_rule(monkeypatch, mutation, size):
+    """The results of amx_deltas.h pass the op checks as they are, and fail them made wrong."""
+    with lora_ext.kernel_config.configured(cpu_gemm_min_rows=1), lora_ext.kernel_config.paths_taken() as taken:
+        if mutation is None:
+            run_checks("lora_delta", torch.bfloat16, *size)
+        else:
+            monkeypatch.setattr(lora_ext, "lora_delta", mutated("lora_delta", mutation))
+            with pytest.raises(AssertionError, match="^lora_delta mutation test: .* rows off"):
+                run_checks("lora_delta", torch.bfloat16, *size)
+    assert taken.get("cpu_gemm_amx", 0) >= 1, taken

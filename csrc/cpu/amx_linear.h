@@ -40,6 +40,8 @@ constexpr int64_t kAmxItemShrinkRows = 4;
 // Whether this CPU has AMX-BF16 and the OS lets this process use the tiles (Linux grants them
 // on request, once per process).
 bool amx_bf16_usable();
+// Whether the AMX kernels run: the CPU and OS allow them and the cpu_amx setting is on.
+bool amx_path_on();
 
 // out = x W^T + bias + each row's delta, for a bfloat16 or float16 `gemm` (x, W, bias and out with
 // unit stride along their last dimension). Float32 sums; each output rounded once.

@@ -34,7 +34,6 @@ namespace cpu {
 // them where lora_ext has the unit the library's GEMM would use or a faster one (bfloat16: the AMX
 // path where the CPU has AMX, else AVX512-BF16; float16: the AMX path from kAmxFloat16MinRows rows,
 // else only without AVX512-FP16), "on" always, "off" never. Only with the AVX-512 kernels.
-bool amx_path_on() { return setting(Setting::kCpuAmx) != 0 && amx_bf16_usable(); }
 
 // float16 on the AMX path splits every weight into two bfloat16 parts, a cost per weight whatever
 // the rows: below 9 rows ATen's AVX512-FP16 GEMM measured as fast or faster (8 rows level, 1 row

@@ -16,6 +16,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/amx_deltas.h"
+#include "cpu/amx_linear.h"
 #include "cpu/gemm_groups.h"
 #include "cpu/item_kernels.h"
 #include "cpu/work.h"
@@ -276,9 +278,39 @@ at::Tensor plan_for(const at::Tensor& slot_ids, const c10::optional<at::Tensor>&
   return plan_arg.has_value() ? *plan_arg : build_plan_cpu(slot_ids, sizes.slots);
 }
 
+namespace {
+
+// Whether the call's GEMM segments run on the tile unit (amx_deltas.h): bfloat16 where the AMX
+// path is on, with unit strides along x's, A's and out's rows.
+bool amx_segments_fit(const LoraCall& call) {
+  return call.x.scalar_type() == at::kBFloat16 && amx_path_on() && !portable_forced() && call.x.stride(1) == 1 &&
+         call.lora_a.stride(2) == 1 && call.out.stride(1) == 1;
+}
+
+void run_amx_segments(const LoraCall& call, const int32_t* order, const std::vector<WorkItem>& segments) {
+  const at::Tensor &x = call.x, &a = call.lora_a, &b = call.lora_b, &out = call.out;
+  AmxDeltaArgs args{x.data_ptr(), x.stride(0), x.size(0), out.data_ptr(), out.stride(0), order,
+                    call.sizes.d_in, call.sizes.d_out, a.stride(1), b.stride(1), b.stride(2), call.accumulate, {}};
+  const int64_t elem = x.element_size();
+  for (const WorkItem& seg : segments) {
+    args.segments.push_back(AmxDeltaSegment{seg.first, seg.count, call.rank_of(seg.slot), call.scale_of(seg.slot),
+                                            static_cast<const char*>(a.data_ptr()) + seg.slot * a.stride(0) * elem,
+                                            static_cast<const char*>(b.data_ptr()) + seg.slot * b.stride(0) * elem});
+  }
+  amx_segment_deltas(args);
+}
+
+}  // namespace
+
 void run_work(const LoraCall& call, const at::Tensor& plan, const PlanLayout& layout, const Work& work) {
   const at::Tensor plan_order = plan.narrow(0, layout.order(), call.sizes.rows);
   if (!work.gemm_segments.empty()) count_path(KernelPath::kCpuGemmSegments);
+  if (!work.gemm_segments.empty() && amx_segments_fit(call)) {
+    count_path(KernelPath::kCpuGemmAmx);
+    run_amx_segments(call, plan_order.data_ptr<int32_t>(), work.gemm_segments);
+    if (!work.items.empty()) run_items(call, plan_order.data_ptr<int32_t>(), work.items);
+    return;
+  }
   const GemmGroups groups = group_gemm_work(call, work.gemm_segments);
   if (!groups.batched.empty()) count_path(KernelPath::kCpuGemmBatched);
   for (const std::vector<WorkItem>& group : groups.batched) run_gemm_group(call, plan_order, group);
