@@ -15,7 +15,7 @@ csrc/kernel_config.cpp):
                                  where the CPU has AMX, else AVX512-BF16; float16: the AMX path from 9
                                  rows, else no AVX512-FP16), True always, False never
     cpu_fused_linear_max_rows [0]  the fused path takes batches of up to this many rows (more than
-                                 32 only where d_in <= 4096); 0: 64 for float32 on Intel CPUs,
+                                 32 only where d_in <= 4096); 0: 80 for float32 on Intel CPUs,
                                  128 otherwise
     cpu_amx            [True]    fused bfloat16 and float16, and the bfloat16 deltas of long
                                  segments, run on the AMX tile unit where the CPU has AMX-BF16 and the

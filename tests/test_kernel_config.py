@@ -129,7 +129,7 @@ def test_rows_without_adapters_run_no_lora_path():
 
 
 @pytest.mark.parametrize("d_in", [64, 4096, 4097])
-@pytest.mark.parametrize("rows", [1, 32, 33, 64, 65, 128, 129])
+@pytest.mark.parametrize("rows", [1, 32, 33, 64, 65, 80, 81, 128, 129])
 def test_linear_lora_fuses_exactly_where_the_rule_says(rows, d_in):
     inputs = make_inputs(rows, d_in, 48, 4, 8, torch.float32, "cpu", "unsorted")
     weight = torch.randn(48, d_in)

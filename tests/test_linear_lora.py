@@ -11,9 +11,9 @@ from kernel_paths import HAS_AMX_BF16, HAS_AVX512, HAS_AVX512_BF16, HAS_AVX512_F
 from helpers import DISTRIBUTIONS, assert_rows_match, magnitude64, make_inputs, pytorch_linear_lora, reference64
 
 FUSED = {"fused": {}, "unfused": {"cpu_fused_linear": False}}
-# Rows around the fused path's limits (32 rows; 64 or 128 when d_in <= 4096) and sizes around its tiles
-# (4 rows x 6 columns x 16 along d_in), with d_in above 4096 once.
-ROWS = [0, 1, 5, 32, 33, 64, 65, 128, 129]
+# Rows around the fused path's limits (32 rows; 80 or 128 when d_in <= 4096; a slot of 64 rows is a
+# GEMM segment) and sizes around its tiles (4 rows x 6 columns x 16 along d_in), with d_in above 4096 once.
+ROWS = [0, 1, 5, 32, 33, 64, 65, 80, 81, 128, 129]
 SIZES = [(1, 1), (3, 64), (64, 3), (17, 13), (768, 256), (4097, 64), (64, 4097)]
 
 

@@ -25,9 +25,10 @@ namespace lora_ext {
 namespace cpu {
 
 // The fusion rule: which dtypes, and how many rows. Fused measured faster than ATen's GEMM then the
-// deltas for batches of up to 32 rows, and, when d_in <= 4096, up to 64 rows for float32 on Intel
-// CPUs (MKL's fast kernels) and up to 128 rows elsewhere: float32 on other CPUs, and the 16-bit
-// dtypes wherever they fuse at all (benchmarks/NOTES.md). The cpu_fused_linear_max_rows setting
+// deltas for batches of up to 32 rows, and, when d_in <= 4096, up to 80 rows for float32 on Intel
+// CPUs (MKL's fast kernels: fused measured 2.2-2.5 ms per forward faster at 72-80 rows, level from
+// 96 to 128) and up to 128 rows elsewhere: float32 on other CPUs, and the 16-bit dtypes wherever
+// they fuse at all (benchmarks/NOTES.md). The cpu_fused_linear_max_rows setting
 // replaces that limit when it is not 0.
 //
 // Dtypes: float32 always; bfloat16 and float16 by the cpu_fused_linear_16bit setting: "auto" fuses
@@ -57,7 +58,7 @@ bool fuses_dtype(at::ScalarType dtype, int64_t rows) {
 int64_t fused_row_limit(at::ScalarType dtype) {
   const int64_t set = setting(Setting::kCpuFusedLinearMaxRows);
   if (set > 0) return set;
-  return dtype == at::kFloat && cpu_is_intel() ? 64 : 128;
+  return dtype == at::kFloat && cpu_is_intel() ? 80 : 128;
 }
 
 bool linear_lora_fuses(int64_t rows, int64_t d_in, at::ScalarType dtype) {
