@@ -29,6 +29,7 @@ const std::vector<SettingSpec>& specs() {
       {"cpu_fused_linear_16bit", {"auto", "on", "off"}, kFused16BitAuto, 0},
       {"cpu_fused_linear_max_rows", {}, 0, 0},
       {"cpu_amx", {"off", "on"}, 1, 0},
+      {"cpu_packed_gemm_min_rows", {}, 48, 1},
       {"cuda_kernel", {"auto", "simt", "mma"}, kCudaAuto, 0},
   };
   return table;
@@ -38,7 +39,7 @@ constexpr const char* kPathNames[] = {
     "cpu_items_avx512", "cpu_items_avx512_bf16", "cpu_items_portable", "cpu_items_quad",
     "cpu_items_split",  "cpu_gemm_segments",     "cpu_gemm_batched",   "cpu_gemm_amx",
     "cpu_linear_fused",
-    "cpu_linear_unfused", "cpu_linear_amx",
+    "cpu_linear_unfused", "cpu_linear_amx",  "cpu_linear_packed",
     "cuda_simt",        "cuda_mma",
 };
 static_assert(sizeof(kPathNames) / sizeof(kPathNames[0]) == static_cast<size_t>(KernelPath::kCount),

@@ -20,8 +20,9 @@ enum class Setting : int {
   kCpuFusedLinear,   // "on"/"off": linear_lora's fused CPU path (lora_ext's GEMM + items)
   kCpuAvx512Bf16,    // "on"/"off": bfloat16 shrink with AVX512-BF16 dot products where present
   kCpuFusedLinear16Bit,  // "auto"/"on"/"off": whether bfloat16 and float16 take the fused path too
-  kCpuFusedLinearMaxRows,  // the fused path's row limit (over 32 only when d_in <= 4096); 0: by dtype and CPU
+  kCpuFusedLinearMaxRows,  // the fused path's row limit (over 32 only when d_in <= 4096); 0: 128
   kCpuAmx,           // "on"/"off": bfloat16 and float16 fused on the AMX tile unit where the CPU and OS allow it
+  kCpuPackedGemmMinRows,  // the fused float32 base GEMM runs on packed blocks of W from this many rows
   kCudaKernel,       // "auto", "simt" (CUDA cores) or "mma" (tensor cores, float16/bfloat16)
   kCount,
 };
@@ -45,6 +46,7 @@ enum class KernelPath : int {
   kCpuLinearFused,      // linear_lora: lora_ext's GEMM and the items in one parallel region
   kCpuLinearUnfused,    // linear_lora: ATen's linear, then the deltas
   kCpuLinearAmx,        // ... of the fused calls, bfloat16/float16 on the AMX tile unit (amx_linear.h)
+  kCpuLinearPacked,     // ... of the fused calls, float32 with the base GEMM on packed blocks of W
   kCudaSimt,            // CUDA cores (decode kernels)
   kCudaMma,             // tensor cores (prefill kernels)
   kCount,

@@ -15,12 +15,14 @@ csrc/kernel_config.cpp):
                                  where the CPU has AMX, else AVX512-BF16; float16: the AMX path from 9
                                  rows, else no AVX512-FP16), True always, False never
     cpu_fused_linear_max_rows [0]  the fused path takes batches of up to this many rows (more than
-                                 32 only where d_in <= 4096); 0: 80 for float32 on Intel CPUs,
-                                 128 otherwise
+                                 32 only where d_in <= 4096); 0: 128
     cpu_amx            [True]    fused bfloat16 and float16, and the bfloat16 deltas of long
                                  segments, run on the AMX tile unit where the CPU has AMX-BF16 and the
                                  OS allows it (csrc/cpu/amx_linear.h, amx_deltas.h); False: AVX-512
                                  and ATen's GEMMs instead
+    cpu_packed_gemm_min_rows [48]  the fused float32 base GEMM takes W in packed blocks (outer products,
+                                 base_gemm_packed_avx512.cpp) from this many rows, its dot-product
+                                 tiles below
     cuda_kernel        ["auto"]  "simt" (CUDA cores) or "mma" (tensor cores) forces a CUDA path
 
 Each is read once from the environment variable LORA_EXT_<NAME> (for example

@@ -14,17 +14,14 @@ def _cpuinfo_field(name):
 
 
 CPU_FLAGS = set(_cpuinfo_field("flags").split())
-IS_INTEL = _cpuinfo_field("vendor_id") == "GenuineIntel"
 HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= CPU_FLAGS
 HAS_AVX512_BF16 = HAS_AVX512 and "avx512_bf16" in CPU_FLAGS
 HAS_AMX_BF16 = "amx_bf16" in CPU_FLAGS
 HAS_AVX512_FP16 = "avx512_fp16" in CPU_FLAGS
 
 
-def fused_row_limit(dtype_name):
-    """linear_lora's fused row limit for d_in <= 4096 by default: 80 for float32 on Intel CPUs
-    (MKL's fast kernels), 128 otherwise (16-bit dtypes fuse only where lora_ext's GEMM competes)."""
-    return 80 if dtype_name == "float32" and IS_INTEL else 128
+# linear_lora's fused row limit for d_in <= 4096 by default (every dtype that fuses, every CPU).
+FUSED_MAX_ROWS = 128
 
 # CPU kernel configurations: the AVX-512 item kernel (default where the CPU has it; its bfloat16
 # shrink uses AVX512-BF16 dot products where present), the same without those dot products, the

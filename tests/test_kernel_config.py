@@ -10,7 +10,7 @@ import torch
 
 import lora_ext
 from helpers import make_inputs
-from kernel_paths import HAS_AVX512, HAS_AVX512_BF16, fused_row_limit
+from kernel_paths import FUSED_MAX_ROWS, HAS_AVX512, HAS_AVX512_BF16
 from lora_ext import kernel_config
 
 needs_avx512 = pytest.mark.skipif(not HAS_AVX512, reason="the CPU has no AVX-512")
@@ -26,7 +26,7 @@ def test_settings_round_trip_and_restore():
     before = kernel_config.settings()
     assert set(before) == {"cpu_isa", "cpu_gemm_min_rows", "cpu_backward_gemm_min_rows", "cpu_fused_linear",
                            "cpu_avx512_bf16", "cpu_fused_linear_16bit", "cpu_fused_linear_max_rows",
-                           "cpu_amx", "cuda_kernel"}
+                           "cpu_amx", "cpu_packed_gemm_min_rows", "cuda_kernel"}
     with kernel_config.configured(cpu_isa="portable", cpu_gemm_min_rows=7, cpu_fused_linear=False):
         now = kernel_config.settings()
         assert (now["cpu_isa"], now["cpu_gemm_min_rows"], now["cpu_fused_linear"]) == ("portable", 7, False)
@@ -42,6 +42,7 @@ def test_settings_round_trip_and_restore():
     (dict(cpu_fused_linear_16bit="maybe"), r"'cpu_fused_linear_16bit' is 'maybe' but must be one of 'auto', 'on', 'off'"),
     (dict(cpu_fused_linear_max_rows=-1), r"'cpu_fused_linear_max_rows' is '-1' but must be an integer >= 0"),
     (dict(cpu_amx="auto"), r"'cpu_amx' is 'auto' but must be one of 'off', 'on'"),
+    (dict(cpu_packed_gemm_min_rows=0), r"'cpu_packed_gemm_min_rows' is '0' but must be an integer >= 1"),
 ])
 def test_bad_settings_refused_and_nothing_changes(changes, message):
     before = kernel_config.settings()
@@ -129,7 +130,7 @@ def test_rows_without_adapters_run_no_lora_path():
 
 
 @pytest.mark.parametrize("d_in", [64, 4096, 4097])
-@pytest.mark.parametrize("rows", [1, 32, 33, 64, 65, 80, 81, 128, 129])
+@pytest.mark.parametrize("rows", [1, 32, 33, 64, 65, 128, 129])
 def test_linear_lora_fuses_exactly_where_the_rule_says(rows, d_in):
     inputs = make_inputs(rows, d_in, 48, 4, 8, torch.float32, "cpu", "unsorted")
     weight = torch.randn(48, d_in)
@@ -137,7 +138,7 @@ def test_linear_lora_fuses_exactly_where_the_rule_says(rows, d_in):
     with kernel_config.paths_taken() as taken:
         lora_ext.linear_lora(inputs["x"], weight, None, **args)
     fuses = kernel_config.linear_lora_fuses(rows, d_in, torch.float32)
-    assert fuses == (HAS_AVX512 and (rows <= 32 or (rows <= fused_row_limit("float32") and d_in <= 4096)))
+    assert fuses == (HAS_AVX512 and (rows <= 32 or (rows <= FUSED_MAX_ROWS and d_in <= 4096)))
     assert taken.get("cpu_linear_fused" if fuses else "cpu_linear_unfused") == 1, taken
     with kernel_config.configured(cpu_fused_linear=False):
         assert not kernel_config.linear_lora_fuses(rows, d_in, torch.float32)

@@ -7,24 +7,33 @@ import torch
 import lora_ext
 import lora_ext.reference
 from lora_ext import kernel_config
-from kernel_paths import HAS_AMX_BF16, HAS_AVX512, HAS_AVX512_BF16, HAS_AVX512_FP16, fused_row_limit
+from kernel_paths import FUSED_MAX_ROWS, HAS_AMX_BF16, HAS_AVX512, HAS_AVX512_BF16, HAS_AVX512_FP16
 from helpers import DISTRIBUTIONS, assert_rows_match, magnitude64, make_inputs, pytorch_linear_lora, reference64
 
-FUSED = {"fused": {}, "unfused": {"cpu_fused_linear": False}}
-# Rows around the fused path's limits (32 rows; 80 or 128 when d_in <= 4096; a slot of 64 rows is a
-# GEMM segment) and sizes around its tiles (4 rows x 6 columns x 16 along d_in), with d_in above 4096 once.
-ROWS = [0, 1, 5, 32, 33, 64, 65, 80, 81, 128, 129]
-SIZES = [(1, 1), (3, 64), (64, 3), (17, 13), (768, 256), (4097, 64), (64, 4097)]
+# The fused path as the rule picks its base GEMM (float32 on packed blocks of W from
+# cpu_packed_gemm_min_rows rows, dot-product tiles below), either GEMM at every row count, and ATen's
+# linear then the deltas.
+FUSED = {"fused": {}, "fused_packed": {"cpu_packed_gemm_min_rows": 1},
+         "fused_tiles": {"cpu_packed_gemm_min_rows": 1_000_000_000}, "unfused": {"cpu_fused_linear": False}}
+# Rows around the fused path's limits (32 rows; 128 when d_in <= 4096; a slot of 64 rows is a GEMM
+# segment; the packed GEMM from 48 rows, in blocks of 8) and sizes around both GEMMs' blocks (tiles:
+# 4 rows x 6 columns x 16 along d_in; packed: 48 columns x 128 along d_in), d_in above 4096 once.
+ROWS = [0, 1, 5, 32, 33, 47, 48, 64, 65, 128, 129]
+SIZES = [(1, 1), (3, 64), (64, 3), (17, 13), (129, 49), (768, 256), (4097, 64), (64, 4097)]
 
 
 @pytest.fixture(params=list(FUSED))
 def fusion(request):
-    """Runs the test with linear_lora's fused CPU path allowed or turned off; with it off, no call
-    may take it."""
+    """Runs the test with linear_lora's fused CPU path as configured or turned off; checks that
+    the calls took the base GEMM the configuration asks for."""
     with kernel_config.configured(**FUSED[request.param]), kernel_config.paths_taken() as taken:
         yield request.param
     if request.param == "unfused":
         assert "cpu_linear_fused" not in taken, taken
+    if request.param == "fused_packed" and "cpu_linear_fused" in taken:
+        assert taken.get("cpu_linear_packed") == taken["cpu_linear_fused"], taken
+    if request.param == "fused_tiles":
+        assert "cpu_linear_packed" not in taken, taken
 
 
 def base_layer(d_in, d_out, with_bias, dtype, seed):
@@ -108,8 +117,7 @@ def test_half_dtypes_on_each_path(dtype, path, rows, d_in, d_out, distribution):
     with kernel_config.configured(**HALF_PATHS[path]), kernel_config.paths_taken() as taken:
         check(inputs, weight, bias, dtype, f"{path} {dtype} T={rows} {d_in}->{d_out} {distribution}")
         fuses = kernel_config.linear_lora_fuses(rows, d_in, dtype)
-    limit = fused_row_limit(str(dtype)[6:])
-    assert fuses == (path != "unfused" and HAS_AVX512 and (rows <= 32 or (rows <= limit and d_in <= 4096)))
+    assert fuses == (path != "unfused" and HAS_AVX512 and (rows <= 32 or (rows <= FUSED_MAX_ROWS and d_in <= 4096)))
     # a slot with cpu_gemm_min_rows (64) rows or more runs as ATen GEMMs, which the AVX-512 fused call does
     # not take (the AMX one takes any rows per slot)
     ids = inputs["slot_ids"]

@@ -1,5 +1,6 @@
 // What the AVX-512 CPU kernels share: 16-lane loads that widen float16/bfloat16 to float32 and
-// stores that round back, software prefetch, and the four-item kernel's entry point. Include only inside a region compiled for AVX-512 (#pragma GCC target, as
+// stores that round back, software prefetch, a 16 x 16 transpose in registers, and the four-item
+// kernel's entry point. Include only inside a region compiled for AVX-512 (#pragma GCC target, as
 // item_avx512.cpp and quad_avx512.cpp do), after <immintrin.h>.
 #pragma once
 
@@ -59,6 +60,33 @@ inline void stream_16_lanes(c10::Half* p, __m512 v) {
 }
 inline void stream_16_lanes(c10::BFloat16* p, __m512 v) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bfloat16_lanes(v));
+}
+
+// In place: rows[j] lane i becomes rows[i] lane j (verified against a model of the intrinsics).
+inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int q = 0; q < 16; q += 4) {
+    const __m512d a = _mm512_castps_pd(t[q]), b = _mm512_castps_pd(t[q + 1]);
+    const __m512d c = _mm512_castps_pd(t[q + 2]), d = _mm512_castps_pd(t[q + 3]);
+    r[q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[h + j] = _mm512_shuffle_f32x4(r[h + j], r[h + 4 + j], 0x88);
+      t[h + 4 + j] = _mm512_shuffle_f32x4(r[h + j], r[h + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
 }
 
 // Shrink and expand of kQuadItems items in lockstep (ItemKernels::quad), in quad_avx512.cpp.

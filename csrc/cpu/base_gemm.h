@@ -28,9 +28,14 @@ struct BaseGemmArgs {
   c10::ScalarType dtype;
 };
 
-// Columns [n_begin, n_end) of out, every row. Only where cpu_has_avx512(); bfloat16 uses
-// vdpbf16ps where cpu_has_avx512_bf16() and the cpu_avx512_bf16 setting is on, else widens.
+// Columns [n_begin, n_end) of out, every row. Only where cpu_has_avx512(); float32 from
+// cpu_packed_gemm_min_rows rows as packed_gemm_columns (packed_gemm_fits), else in dot-product
+// tiles; bfloat16 uses vdpbf16ps where cpu_has_avx512_bf16() and the cpu_avx512_bf16 setting is
+// on, else widens.
 void base_gemm_columns(const BaseGemmArgs& g, int64_t n_begin, int64_t n_end);
+bool packed_gemm_fits(const BaseGemmArgs& g);
+// The same for float32 as outer products over packed blocks of W (base_gemm_packed_avx512.cpp).
+void packed_gemm_columns(const BaseGemmArgs& g, int64_t n_begin, int64_t n_end);
 
 }  // namespace cpu
 }  // namespace lora_ext

@@ -48,15 +48,6 @@ bool cpu_has_avx512_fp16() {
 
 #undef LORA_EXT_CPU_SUPPORTS
 
-bool cpu_is_intel() {
-#ifdef LORA_EXT_HAVE_AVX512
-  static const bool is = (__builtin_cpu_init(), __builtin_cpu_is("intel") != 0);
-  return is;
-#else
-  return false;
-#endif
-}
-
 }  // namespace cpu
 }  // namespace lora_ext
 
@@ -254,33 +245,6 @@ void expand_rank_major(const ItemArgs& p, const float* u, int64_t t0, int64_t n0
   } else {
     expand_rank_major_block<T, NT, kVectors / 2>(p, u, t0, n0);
     if (n0 + 8 * kVectors < p.d_out) expand_rank_major_block<T, NT, kVectors / 2>(p, u, t0, n0 + 8 * kVectors);
-  }
-}
-
-// In place: rows[j] lane i becomes rows[i] lane j (verified against a model of the intrinsics).
-inline void transpose16(__m512 (&r)[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int q = 0; q < 16; q += 4) {
-    const __m512d a = _mm512_castps_pd(t[q]), b = _mm512_castps_pd(t[q + 1]);
-    const __m512d c = _mm512_castps_pd(t[q + 2]), d = _mm512_castps_pd(t[q + 3]);
-    r[q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int h = 0; h < 16; h += 8) {
-    for (int j = 0; j < 4; ++j) {
-      t[h + j] = _mm512_shuffle_f32x4(r[h + j], r[h + 4 + j], 0x88);
-      t[h + 4 + j] = _mm512_shuffle_f32x4(r[h + j], r[h + 4 + j], 0xdd);
-    }
-  }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
   }
 }
 

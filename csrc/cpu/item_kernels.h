@@ -73,8 +73,6 @@ bool cpu_has_avx512_bf16();
 // AVX512-FP16 for float16.
 bool cpu_has_amx_bf16();
 bool cpu_has_avx512_fp16();
-// Whether the CPU is Intel's (MKL takes its fastest paths only there).
-bool cpu_is_intel();
 
 }  // namespace cpu
 }  // namespace lora_ext

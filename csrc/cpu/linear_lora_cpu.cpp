@@ -25,11 +25,9 @@ namespace lora_ext {
 namespace cpu {
 
 // The fusion rule: which dtypes, and how many rows. Fused measured faster than ATen's GEMM then the
-// deltas for batches of up to 32 rows, and, when d_in <= 4096, up to 80 rows for float32 on Intel
-// CPUs (MKL's fast kernels: fused measured 2.2-2.5 ms per forward faster at 72-80 rows, level from
-// 96 to 128) and up to 128 rows elsewhere: float32 on other CPUs, and the 16-bit dtypes wherever
-// they fuse at all (benchmarks/NOTES.md). The cpu_fused_linear_max_rows setting
-// replaces that limit when it is not 0.
+// deltas for batches of up to 32 rows, and, when d_in <= 4096, up to 128 rows (float32 from 48 rows
+// with the base GEMM on packed blocks of W, as fast as MKL's there; benchmarks/NOTES.md). The
+// cpu_fused_linear_max_rows setting replaces that limit when it is not 0.
 //
 // Dtypes: float32 always; bfloat16 and float16 by the cpu_fused_linear_16bit setting: "auto" fuses
 // them where lora_ext has the unit the library's GEMM would use or a faster one (bfloat16: the AMX
@@ -55,14 +53,11 @@ bool fuses_dtype(at::ScalarType dtype, int64_t rows) {
   }
 }
 
-int64_t fused_row_limit(at::ScalarType dtype) {
-  const int64_t set = setting(Setting::kCpuFusedLinearMaxRows);
-  if (set > 0) return set;
-  return dtype == at::kFloat && cpu_is_intel() ? 80 : 128;
-}
+constexpr int64_t kFusedMaxRows = 128;
 
 bool linear_lora_fuses(int64_t rows, int64_t d_in, at::ScalarType dtype) {
-  const int64_t max_rows = fused_row_limit(dtype);
+  const int64_t set = setting(Setting::kCpuFusedLinearMaxRows);
+  const int64_t max_rows = set > 0 ? set : kFusedMaxRows;
   const bool shape = rows <= std::min<int64_t>(32, max_rows) || (rows <= max_rows && d_in <= 4096);
   return shape && fuses_dtype(dtype, rows) && setting(Setting::kCpuFusedLinear) != 0 && cpu_has_avx512() &&
          !portable_forced();
@@ -193,7 +188,9 @@ at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   out = at::empty({sizes.rows, sizes.d_out}, x.options());
   count_path(KernelPath::kCpuLinearFused);
   if (!work.items.empty()) count_path(kernels.path);
-  run_fused_linear(base_gemm_args(x, weight, bias, out, sizes), call, order, work.items, kernels);
+  const BaseGemmArgs gemm = base_gemm_args(x, weight, bias, out, sizes);
+  if (packed_gemm_fits(gemm)) count_path(KernelPath::kCpuLinearPacked);
+  run_fused_linear(gemm, call, order, work.items, kernels);
   return out;
 }
 
