@@ -30,11 +30,12 @@ constexpr int64_t kPanelCols = 16 * kPanelVectors;  // output columns per block
 constexpr int64_t kChunkK = 128;                    // values of k per panel
 constexpr int kBlockRows = 8;                       // rows of x per micro-kernel call
 
-// panel[k][c] = W[n0 + c][k0 + k] for k < kc and c < cols; 0 for the columns from cols to
-// kPanelCols (their sums are computed and never stored). 16 x 16 blocks transposed in registers.
+// panel[k][c] = W[n0 + c][k0 + k] for k < kc and c < cols; 0 for the columns from cols up to the
+// next multiple of 16 (their sums are computed and never stored). 16 x 16 blocks transposed in
+// registers.
 void pack_panel(const BaseGemmArgs& g, int64_t n0, int64_t cols, int64_t k0, int64_t kc, float* panel) {
   const float* w = static_cast<const float*>(g.w);
-  for (int64_t c0 = 0; c0 < kPanelCols; c0 += 16) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
     for (int64_t k = 0; k < kc; k += 16) {
       const __mmask16 m = first_lanes(kc - k);
       __m512 block[16];
@@ -51,32 +52,33 @@ void pack_panel(const BaseGemmArgs& g, int64_t n0, int64_t cols, int64_t k0, int
 }
 
 // out[m0 + i, n0 + c] (+)= sum over the panel's kc values of x[m0 + i, k0 + k] panel[k][c], for
-// i < MR and c < cols; `first` stores (with the bias) instead of adding.
-template <int MR>
+// i < MR and c < cols (cols <= 16 NV: the block's last columns need fewer vectors); `first` stores
+// (with the bias) instead of adding.
+template <int MR, int NV>
 void panel_rows(const BaseGemmArgs& g, int64_t m0, int64_t k0, int64_t kc, const float* panel, int64_t n0,
                 int64_t cols, bool first) {
   const float* x[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) x[i] = static_cast<const float*>(g.x) + (m0 + i) * g.x_row_stride + k0;
-  __m512 acc[MR][kPanelVectors];
+  __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 3
-    for (int v = 0; v < kPanelVectors; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
-    __m512 w[kPanelVectors];
+    __m512 w[NV];
 #pragma GCC unroll 3
-    for (int v = 0; v < kPanelVectors; ++v) w[v] = _mm512_load_ps(panel + k * kPanelCols + 16 * v);
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_load_ps(panel + k * kPanelCols + 16 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = _mm512_set1_ps(x[i][k]);
 #pragma GCC unroll 3
-      for (int v = 0; v < kPanelVectors; ++v) acc[i][v] = _mm512_fmadd_ps(xv, w[v], acc[i][v]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xv, w[v], acc[i][v]);
     }
   }
   const float* bias = static_cast<const float*>(g.bias);
 #pragma GCC unroll 3
-  for (int v = 0; v < kPanelVectors; ++v) {
+  for (int v = 0; v < NV; ++v) {
     const __mmask16 m = first_lanes(cols - 16 * v);
     if (m == 0) continue;
     const __m512 add = first ? (bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + n0 + 16 * v) : _mm512_setzero_ps())
@@ -92,15 +94,22 @@ void panel_rows(const BaseGemmArgs& g, int64_t m0, int64_t k0, int64_t kc, const
 
 using PanelRowsFn = void (*)(const BaseGemmArgs&, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, bool);
 
-template <int... MR>
-constexpr std::array<PanelRowsFn, sizeof...(MR)> panel_rows_table(std::integer_sequence<int, MR...>) {
-  return {&panel_rows<MR + 1>...};
+template <int NV, int... MR>
+constexpr std::array<PanelRowsFn, sizeof...(MR)> panel_rows_row(std::integer_sequence<int, MR...>) {
+  return {&panel_rows<MR + 1, NV>...};
+}
+
+// [vectors - 1][rows - 1]
+using PanelRowsTable = std::array<std::array<PanelRowsFn, kBlockRows>, kPanelVectors>;
+constexpr PanelRowsTable panel_rows_table() {
+  constexpr auto rows = std::make_integer_sequence<int, kBlockRows>{};
+  return {panel_rows_row<1>(rows), panel_rows_row<2>(rows), panel_rows_row<3>(rows)};
 }
 
 }  // namespace
 
 void packed_gemm_columns(const BaseGemmArgs& g, int64_t n_begin, int64_t n_end) {
-  static constexpr auto kRows = panel_rows_table(std::make_integer_sequence<int, kBlockRows>{});
+  static constexpr PanelRowsTable kKernels = panel_rows_table();
   alignas(64) float panel[kChunkK * kPanelCols];
   const int64_t row_blocks = (g.m + kBlockRows - 1) / kBlockRows;
   const int64_t elem = sizeof(float), stride = g.w_row_stride * elem;
@@ -116,7 +125,8 @@ void packed_gemm_columns(const BaseGemmArgs& g, int64_t n_begin, int64_t n_end) 
       RowsPrefetch ahead(static_cast<const char*>(g.w) + next_n * stride + next_k * elem, next_rows, stride,
                          std::min<int64_t>(kChunkK, g.k - next_k) * elem, 0, 1, row_blocks);
       for (int64_t m0 = 0; m0 < g.m; m0 += kBlockRows) {
-        kRows[std::min<int64_t>(kBlockRows, g.m - m0) - 1](g, m0, k0, kc, panel, n0, cols, k0 == 0);
+        kKernels[(cols + 15) / 16 - 1][std::min<int64_t>(kBlockRows, g.m - m0) - 1](g, m0, k0, kc, panel, n0, cols,
+                                                                                 k0 == 0);
         ahead.step();
       }
     }
