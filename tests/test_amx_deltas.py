@@ -80,26 +80,28 @@ def test_rows_without_a_delta_stay_untouched():
     inputs = make_inputs(64, 96, 80, 4, 16, torch.bfloat16, "cpu", "shuffled_with_none", seed=3)
     out = torch.randn(64, 80).to(torch.bfloat16)
     before = out.clone()
-    with kernel_config.configured(**EVERY_SEGMENT_ON_TILES):
+    with kernel_config.configured(**EVERY_SEGMENT_ON_TILES), kernel_config.paths_taken() as taken:
         ops.add_lora_(out, **inputs)
+    assert taken.get("cpu_gemm_amx") == 1, taken
     ids, ranks = inputs["slot_ids"], inputs["ranks"]
     untouched = (ids < 0) | (ranks[ids.clamp(min=0)] == 0)
     assert untouched.any() and (out[untouched] == before[untouched]).all()
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [2, 3])
 def test_every_thread_count_gives_identical_results(threads):
     """Each output value is computed whole by one thread in a fixed order, whatever the split."""
     inputs = make_inputs(200, 300, 130, 3, 32, torch.bfloat16, "cpu", "zipf", seed=1)
     before = torch.get_num_threads()
     try:
-        with kernel_config.configured(**EVERY_SEGMENT_ON_TILES):
+        with kernel_config.configured(**EVERY_SEGMENT_ON_TILES), kernel_config.paths_taken() as taken:
             torch.set_num_threads(1)
             one = ops.lora_delta(**inputs)
             torch.set_num_threads(threads)
             many = ops.lora_delta(**inputs)
     finally:
         torch.set_num_threads(before)
+    assert taken.get("cpu_gemm_amx") == 2, taken
     assert torch.equal(one, many)
 
 

@@ -203,6 +203,23 @@ def test_ranks_up_to_max(fusion, max_rank):
     check(inputs, weight, bias, torch.float32, f"{fusion} R={max_rank}")
 
 
+@pytest.mark.parametrize("rows", [24, 100])
+def test_float32_fused_paths_take_row_strides(rows):
+    """x and W as column slices of wider tensors (rows longer than d_in): the tile GEMM (24 rows)
+    and the packed one (100 rows) against the reference."""
+    inputs = make_inputs(rows, 100, 70, 6, 16, torch.float32, "cpu", "zipf", seed=rows, b_layout="rank_major")
+    wide = torch.randn(rows, 160)
+    wide[:, 20:120] = inputs["x"]
+    inputs["x"] = wide[:, 20:120]
+    weight, bias = base_layer(100, 70, True, torch.float32, rows)
+    wide_w = torch.randn(70, 131)
+    wide_w[:, 5:105] = weight
+    with kernel_config.paths_taken() as taken:
+        check(inputs, wide_w[:, 5:105], bias, torch.float32, f"row strides float32 T={rows}")
+    assert taken.get("cpu_linear_fused") == (1 if HAS_AVX512 else None), taken
+    assert taken.get("cpu_linear_packed") == (1 if HAS_AVX512 and rows >= 48 else None), taken
+
+
 @pytest.mark.parametrize("layout", ["x_transposed", "weight_transposed", "bias_strided"])
 def test_non_contiguous_arguments(layout):
     inputs = make_inputs(16, 48, 40, 4, 8, torch.float32, "cpu", "with_none",
@@ -215,12 +232,14 @@ def test_non_contiguous_arguments(layout):
     check(inputs, weight, bias, torch.float32, layout)
 
 
+@pytest.mark.parametrize("rows", [32, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_every_thread_count_gives_identical_results(threads, dtype):
+@pytest.mark.parametrize("threads", [2, 3])
+def test_every_thread_count_gives_identical_results(threads, dtype, rows):
     """Each output value is computed whole by one thread in a fixed order, whatever the split (the
-    16-bit dtypes on the AMX path where the CPU has it, on the AVX-512 one elsewhere)."""
-    inputs = make_inputs(32, 300, 130, 40, 16, dtype, "cpu", "zipf")
+    16-bit dtypes on the AMX path where the CPU has it, on the AVX-512 one elsewhere; float32 at 100
+    rows on the packed GEMM)."""
+    inputs = make_inputs(rows, 300, 130, 40, 16, dtype, "cpu", "zipf")
     weight, bias = base_layer(300, 130, True, dtype, 0)
     args = {k: v for k, v in inputs.items() if k != "x"}
     before = torch.get_num_threads()
@@ -284,8 +303,9 @@ def test_matches_reference_cuda(dtype, rows):
 @pytest.mark.parametrize("d_in,d_out", [(17, 13), (768, 2048), (100, 1500)])
 def test_decode_rows_give_the_same_bits_alone_and_batched(d_in, d_out):
     """Distinct adapters with one row each run four items at a time on the fused path; each row
-    computed alone (one item) must give the same bits (lora_ext's GEMM sums each output the same
-    way for any number of rows; ATen's unfused GEMM need not, so this is the fused path only)."""
+    computed alone (one item) must give the same bits (lora_ext's tile GEMM sums each output the
+    same way for any number of rows; ATen's unfused GEMM need not, and neither need the packed GEMM
+    from cpu_packed_gemm_min_rows rows, which sums k in chunks: so this is 33 rows, fused)."""
     if not kernel_config.linear_lora_fuses(33, d_in, torch.float32):
         pytest.skip("linear_lora does not fuse on this CPU (no AVX-512)")
     inputs = make_inputs(33, d_in, d_out, 40, 16, torch.float32, "cpu", "distinct", seed=d_out,

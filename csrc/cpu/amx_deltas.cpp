@@ -190,7 +190,8 @@ void unit_deltas(const AmxDeltaArgs& args, const SegmentTiles& t, int64_t row0, 
       const __m512 v1 = second ? _mm512_mul_ps(scale, _mm512_load_ps(h + kTile)) : _mm512_setzero_ps();
       const __m512 h0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v0), high_bits));
       const __m512 h1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v1), high_bits));
-      // both exact for the high parts (already bfloat16 values); the low parts rounded
+      // both exact for the high parts (already bfloat16 values); the low parts rounded. An h of
+      // +-inf gives a NaN low part (inf - inf), so such a row's output is NaN, not +-inf.
       _mm512_storeu_si512(high + i * kStepK, (__m512i)_mm512_cvtne2ps_pbh(h1, h0));
       _mm512_storeu_si512(low + i * kStepK,
                           (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(v1, h1), _mm512_sub_ps(v0, h0)));
@@ -217,6 +218,7 @@ void unit_deltas(const AmxDeltaArgs& args, const SegmentTiles& t, int64_t row0, 
       }
     }
     alignas(64) float sums[2][kTile][kTile];
+    compiler_barrier();  // the last block's plain loads of sums stay before these stores
     _tile_stored(0, sums[0], kTileBytes);
     _tile_stored(1, sums[1], kTileBytes);
     compiler_barrier();

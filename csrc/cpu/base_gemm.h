@@ -1,5 +1,5 @@
 // The base layer's GEMM for linear_lora on CPU (AVX-512): out = x W^T + bias for a decode-sized x
-// (a few dozen rows), one range of columns per thread, in float32, bfloat16 or float16 (float32
+// (up to 128 rows), one range of columns per thread, in float32, bfloat16 or float16 (float32
 // sums; 16-bit outputs rounded to nearest even once). Run inside the same parallel region as the
 // LoRA items that follow it (linear_lora_cpu.cpp), it saves a separate GEMM call and its thread
 // wake-ups, and the items find x, out and the caches as the GEMM left them; where the library's GEMM

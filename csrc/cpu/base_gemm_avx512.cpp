@@ -164,9 +164,10 @@ bool packed_gemm_fits(const BaseGemmArgs& g) {
   return g.dtype == c10::ScalarType::Float && g.k > 0 && g.m >= setting(Setting::kCpuPackedGemmMinRows);
 }
 
-// Float32 batches of many rows on packed blocks of W (packed_gemm_fits); otherwise tiles of kGemmTileCols columns in turn, each over every row block of x: the first pass of a
-// tile reads its weight rows from memory, the later ones from cache; meanwhile each pass asks for its
-// share of the next tile's weight rows (rows_prefetch.h).
+// Float32 batches of many rows on packed blocks of W (packed_gemm_fits); otherwise tiles of
+// kGemmTileCols columns in turn, each over every row block of x: the first pass of a tile reads its
+// weight rows from memory, the later ones from cache; meanwhile each pass asks for its share of the
+// next tile's weight rows (rows_prefetch.h).
 void base_gemm_columns(const BaseGemmArgs& g, int64_t n_begin, int64_t n_end) {
   if (packed_gemm_fits(g)) {
     packed_gemm_columns(g, n_begin, n_end);

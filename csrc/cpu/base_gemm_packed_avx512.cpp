@@ -79,8 +79,7 @@ void panel_rows(const BaseGemmArgs& g, int64_t m0, int64_t k0, int64_t kc, const
   const float* bias = static_cast<const float*>(g.bias);
 #pragma GCC unroll 3
   for (int v = 0; v < NV; ++v) {
-    const __mmask16 m = first_lanes(cols - 16 * v);
-    if (m == 0) continue;
+    const __mmask16 m = first_lanes(cols - 16 * v);  // not empty: NV covers cols
     const __m512 add = first ? (bias != nullptr ? _mm512_maskz_loadu_ps(m, bias + n0 + 16 * v) : _mm512_setzero_ps())
                              : __m512{};
 #pragma GCC unroll 8
@@ -122,8 +121,11 @@ void packed_gemm_columns(const BaseGemmArgs& g, int64_t n_begin, int64_t n_end) 
       const bool last = k0 + kc >= g.k;
       const int64_t next_n = last ? n0 + kPanelCols : n0, next_k = last ? 0 : k0 + kc;
       const int64_t next_rows = std::min<int64_t>(kPanelCols, n_end - next_n);
-      RowsPrefetch ahead(static_cast<const char*>(g.w) + next_n * stride + next_k * elem, next_rows, stride,
-                         std::min<int64_t>(kChunkK, g.k - next_k) * elem, 0, 1, row_blocks);
+      RowsPrefetch ahead = next_rows > 0 ? RowsPrefetch(static_cast<const char*>(g.w) + next_n * stride + next_k * elem,
+                                                        next_rows, stride,
+                                                        std::min<int64_t>(kChunkK, g.k - next_k) * elem, 0, 1,
+                                                        row_blocks)
+                                         : RowsPrefetch();
       for (int64_t m0 = 0; m0 < g.m; m0 += kBlockRows) {
         kKernels[(cols + 15) / 16 - 1][std::min<int64_t>(kBlockRows, g.m - m0) - 1](g, m0, k0, kc, panel, n0, cols,
                                                                                  k0 == 0);
