@@ -39,7 +39,7 @@ constexpr int64_t kTileValues = kTile * kStepK;  // bfloat16 values in one 16 x 
 
 // What a thread keeps for the segment it works on: the sizes and its adapter in tile layout.
 struct SegmentTiles {
-  const AmxDeltaSegment* seg = nullptr;
+  const AmxSegment* seg = nullptr;
   int64_t rank_tiles = 0;  // tiles of 16 ranks in the shrink: ceil(rank / 16)
   int64_t rank_steps = 0;  // products of 32 ranks in the expand: ceil(rank / 32)
   bf16* a = nullptr;       // [rank tile][step] tiles
@@ -50,7 +50,7 @@ struct SegmentTiles {
 };
 
 // A's ranks [16 tile, 16 tile + 16) as right operands, zero past the rank and past d_in.
-void lay_out_a(const AmxDeltaArgs& args, const AmxDeltaSegment& seg, int64_t steps, SegmentTiles& t) {
+void lay_out_a(const AmxDeltaArgs& args, const AmxSegment& seg, int64_t steps, SegmentTiles& t) {
   const bf16* a = static_cast<const bf16*>(seg.a);
   for (int64_t tile = 0; tile < t.rank_tiles; ++tile) {
     for (int64_t step = 0; step < steps; ++step) {
@@ -72,7 +72,7 @@ void lay_out_a(const AmxDeltaArgs& args, const AmxDeltaSegment& seg, int64_t ste
 
 // B's ranks [32 q, 32 q + 32) x columns [16 block, 16 block + 16) as right operands, zero past the
 // rank and past d_out.
-void lay_out_b(const AmxDeltaArgs& args, const AmxDeltaSegment& seg, int64_t col_blocks, SegmentTiles& t) {
+void lay_out_b(const AmxDeltaArgs& args, const AmxSegment& seg, int64_t col_blocks, SegmentTiles& t) {
   const bf16* b = static_cast<const bf16*>(seg.b);
   // value j of the result: element j / 2 of the even rank's row (j even) or of the odd one's
   alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
@@ -119,7 +119,7 @@ class Units {
  public:
   explicit Units(const AmxDeltaArgs& args) {
     first_unit_.push_back(0);
-    for (const AmxDeltaSegment& seg : args.segments) first_unit_.push_back(first_unit_.back() + (seg.count + kTile - 1) / kTile);
+    for (const AmxSegment& seg : args.segments) first_unit_.push_back(first_unit_.back() + (seg.count + kTile - 1) / kTile);
   }
   int64_t count() const { return first_unit_.back(); }
   // (segment, block of 16 rows in it) of unit u
@@ -135,7 +135,7 @@ class Units {
 // Steps 1-3 for rows order[row0 .. row0 + used) of the segment in t.
 void unit_deltas(const AmxDeltaArgs& args, const SegmentTiles& t, int64_t row0, int64_t used, int64_t steps,
                  int64_t col_blocks, const Scratch& sc) {
-  const AmxDeltaSegment& seg = *t.seg;
+  const AmxSegment& seg = *t.seg;
   const bf16* x = static_cast<const bf16*>(args.x);
   const int32_t* order = args.order + row0;
   bool consecutive = true;
@@ -241,7 +241,7 @@ void amx_segment_deltas(const AmxDeltaArgs& args) {
   const Units units(args);
   const int64_t steps = (args.d_in + kStepK - 1) / kStepK, col_blocks = (args.d_out + kTile - 1) / kTile;
   int64_t max_rank = 0;
-  for (const AmxDeltaSegment& seg : args.segments) max_rank = std::max(max_rank, seg.rank);
+  for (const AmxSegment& seg : args.segments) max_rank = std::max(max_rank, seg.rank);
   const int64_t rank_tiles = (max_rank + kTile - 1) / kTile, rank_steps = (max_rank + kStepK - 1) / kStepK;
   // bfloat16 values of each part of a thread's scratch, each rounded up to whole tiles
   const int64_t a_size = rank_tiles * steps * kTileValues, b_size = rank_steps * col_blocks * kTileValues;
@@ -261,7 +261,7 @@ void amx_segment_deltas(const AmxDeltaArgs& args) {
     SegmentTiles tiles;
     for (int64_t u = units.count() * t / team; u < units.count() * (t + 1) / team; ++u) {
       const auto [s, block] = units.at(u);
-      const AmxDeltaSegment& seg = args.segments[s];
+      const AmxSegment& seg = args.segments[s];
       if (tiles.seg != &seg) {
         tiles = SegmentTiles{&seg, (seg.rank + kTile - 1) / kTile, (seg.rank + kStepK - 1) / kStepK, sc.a, sc.b};
         lay_out_a(args, seg, steps, tiles);

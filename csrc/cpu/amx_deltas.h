@@ -8,16 +8,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/amx_linear.h"
+
 namespace lora_ext {
 namespace cpu {
-
-// Rows order[first .. first + count) of one slot with an adapter of rank > 0.
-struct AmxDeltaSegment {
-  int64_t first, count, rank;
-  float scale;
-  const void* a;  // A[slot]: a[r * a_rank_stride + k], unit stride along d_in
-  const void* b;  // B[slot]: b[n * b_out_stride + r * b_rank_stride]
-};
 
 struct AmxDeltaArgs {
   const void* x;       // (rows, d_in) bfloat16, unit stride along d_in
@@ -28,7 +22,7 @@ struct AmxDeltaArgs {
   int64_t d_in, d_out;
   int64_t a_rank_stride, b_out_stride, b_rank_stride;
   bool accumulate;     // out += delta, else out = delta
-  std::vector<AmxDeltaSegment> segments;
+  std::vector<AmxSegment> segments;  // bfloat16 A and B
 };
 
 // out[row] (+)= scale * (x[row] A[:rank]^T) B[:, :rank]^T for every row of every segment: x A^T

@@ -28,9 +28,9 @@
 
 #include "cpu/amx_tiles.h"
 #include "cpu/item_kernels.h"
-#include "kernel_config.h"
 #include "cpu/rows_prefetch.h"
 #include "cpu/work.h"
+#include "kernel_config.h"
 
 #ifdef LORA_EXT_HAVE_AMX
 #include <sys/syscall.h>

@@ -125,18 +125,14 @@ bool amx_linear_fits(const at::Tensor& x, const at::Tensor& weight, const c10::o
 // The AMX path's view of the plan: one segment per slot with rows and a rank above 0; for float16,
 // the item kernel that shrinks its small segments.
 AmxLoraArgs amx_lora_args(const LoraCall& call, const int32_t* plan, const PlanLayout& layout) {
-  const at::Tensor &a = call.lora_a, &b = call.lora_b;
   const int32_t* offsets = plan + layout.offsets();
   const int32_t* order = plan + layout.order();
-  AmxLoraArgs args{order, {}, call.sizes.max_rank, a.stride(1), b.stride(1), b.stride(2)};
-  const int64_t elem = a.element_size();
+  AmxLoraArgs args{order, {}, call.sizes.max_rank, call.lora_a.stride(1), call.lora_b.stride(1), call.lora_b.stride(2)};
   for (int64_t slot = 0; slot < call.sizes.slots; ++slot) {
-    const int64_t count = offsets[slot + 1] - offsets[slot], rank = call.rank_of(slot);
-    if (count == 0 || rank == 0) continue;
-    args.segments.push_back(AmxSegment{offsets[slot], count, rank, call.scale_of(slot),
-                                       static_cast<const char*>(a.data_ptr()) + slot * a.stride(0) * elem,
-                                       static_cast<const char*>(b.data_ptr()) + slot * b.stride(0) * elem});
-    if (call.x.scalar_type() == at::kHalf) args.items.push_back(item_args(call, order, WorkItem{slot, offsets[slot], count}));
+    const WorkItem rows{slot, offsets[slot], offsets[slot + 1] - offsets[slot]};
+    if (rows.count == 0 || call.rank_of(slot) == 0) continue;
+    args.segments.push_back(amx_segment(call, rows));
+    if (call.x.scalar_type() == at::kHalf) args.items.push_back(item_args(call, order, rows));
   }
   if (!args.items.empty()) {
     const ItemKernels kernels = choose_item_kernels(at::kHalf, args.items[0]);

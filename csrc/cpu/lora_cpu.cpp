@@ -65,6 +65,14 @@ ItemArgs item_args(const LoraCall& call, const int32_t* order, const WorkItem& i
                   call.accumulate};
 }
 
+AmxSegment amx_segment(const LoraCall& call, const WorkItem& item) {
+  const at::Tensor &a = call.lora_a, &b = call.lora_b;
+  const int64_t elem = a.element_size();
+  return AmxSegment{item.first, item.count, call.rank_of(item.slot), call.scale_of(item.slot),
+                    static_cast<const char*>(a.data_ptr()) + item.slot * a.stride(0) * elem,
+                    static_cast<const char*>(b.data_ptr()) + item.slot * b.stride(0) * elem};
+}
+
 namespace {
 
 void zero_rows(const LoraCall& call, const int32_t* order, const WorkItem& item) {
@@ -291,12 +299,7 @@ void run_amx_segments(const LoraCall& call, const int32_t* order, const std::vec
   const at::Tensor &x = call.x, &a = call.lora_a, &b = call.lora_b, &out = call.out;
   AmxDeltaArgs args{x.data_ptr(), x.stride(0), x.size(0), out.data_ptr(), out.stride(0), order,
                     call.sizes.d_in, call.sizes.d_out, a.stride(1), b.stride(1), b.stride(2), call.accumulate, {}};
-  const int64_t elem = x.element_size();
-  for (const WorkItem& seg : segments) {
-    args.segments.push_back(AmxDeltaSegment{seg.first, seg.count, call.rank_of(seg.slot), call.scale_of(seg.slot),
-                                            static_cast<const char*>(a.data_ptr()) + seg.slot * a.stride(0) * elem,
-                                            static_cast<const char*>(b.data_ptr()) + seg.slot * b.stride(0) * elem});
-  }
+  for (const WorkItem& seg : segments) args.segments.push_back(amx_segment(call, seg));
   amx_segment_deltas(args);
 }
 
@@ -308,13 +311,12 @@ void run_work(const LoraCall& call, const at::Tensor& plan, const PlanLayout& la
   if (!work.gemm_segments.empty() && amx_segments_fit(call)) {
     count_path(KernelPath::kCpuGemmAmx);
     run_amx_segments(call, plan_order.data_ptr<int32_t>(), work.gemm_segments);
-    if (!work.items.empty()) run_items(call, plan_order.data_ptr<int32_t>(), work.items);
-    return;
+  } else {
+    const GemmGroups groups = group_gemm_work(call, work.gemm_segments);
+    if (!groups.batched.empty()) count_path(KernelPath::kCpuGemmBatched);
+    for (const std::vector<WorkItem>& group : groups.batched) run_gemm_group(call, plan_order, group);
+    for (const WorkItem& seg : groups.single) run_gemm_segment(call, plan_order, seg);
   }
-  const GemmGroups groups = group_gemm_work(call, work.gemm_segments);
-  if (!groups.batched.empty()) count_path(KernelPath::kCpuGemmBatched);
-  for (const std::vector<WorkItem>& group : groups.batched) run_gemm_group(call, plan_order, group);
-  for (const WorkItem& seg : groups.single) run_gemm_segment(call, plan_order, seg);
   if (!work.items.empty()) run_items(call, plan_order.data_ptr<int32_t>(), work.items);
 }
 

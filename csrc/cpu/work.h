@@ -10,6 +10,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu/amx_linear.h"
 #include "cpu/item_kernels.h"
 #include "lora_args.h"
 #include "plan.h"
@@ -73,6 +74,8 @@ Work collect_work(const LoraCall& call, const int32_t* offsets, const PlanLayout
 bool portable_forced();
 ItemKernels choose_item_kernels(at::ScalarType dtype, const ItemArgs& example);
 ItemArgs item_args(const LoraCall& call, const int32_t* order, const WorkItem& item);
+// The AMX kernels' view of an item's rows (amx_linear.h, amx_deltas.h): its slot's adapter, rank and scale.
+AmxSegment amx_segment(const LoraCall& call, const WorkItem& item);
 
 // out[rows] (+)= scale * (x[rows] @ A[:rank]^T) @ B[:, :rank]^T as two ATen GEMMs.
 void run_gemm_segment(const LoraCall& call, const at::Tensor& plan_order, const WorkItem& seg);
